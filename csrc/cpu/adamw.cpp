@@ -1,0 +1,287 @@
+// CPU kernels of the AdamW family: the fused AdamW + L2-to-init step and the sum of squares used by
+// fused gradient clipping. One call covers all tensors of a (device, dtype) group: the tensors are cut
+// into chunks, at::parallel_for spreads the chunks (not the tensors) over the threads, and each chunk
+// is one vectorised pass over memory (reads p, g, m, v [, vmax] [, p0]; writes p, m, v [, vmax] [, g]).
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/OpMathType.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+
+#include "../common.h"
+
+namespace fastft {
+namespace {
+
+constexpr int64_t kChunk = 16384;  // elements per work item: four fp32 arrays of it stay in L2
+
+struct WorkItem {
+  int64_t tensor;
+  int64_t begin;
+  int64_t end;
+};
+
+std::vector<WorkItem> make_work(const std::vector<at::Tensor>& tensors) {
+  std::vector<WorkItem> work;
+  for (int64_t t = 0; t < static_cast<int64_t>(tensors.size()); ++t) {
+    const int64_t n = tensors[t].numel();
+    for (int64_t b = 0; b < n; b += kChunk) work.push_back({t, b, std::min(n, b + kChunk)});
+  }
+  return work;
+}
+
+// Per-tensor constants of one step, in the math type.
+template <typename opmath_t>
+struct StepConsts {
+  opmath_t inv_grad_scale;   // 1 / grad_scale (1 without AMP), applied alone only when g is written back
+  opmath_t grad_mul;         // clip coefficient, negated for maximize (times inv_grad_scale if g is not written)
+  opmath_t one_minus_beta1;  // m <- m + (1 - b1) (g - m)
+  opmath_t beta2, one_minus_beta2;
+  opmath_t coupled_l2;       // 2 * l2_init in coupled mode, else 0
+  opmath_t decay;            // 1 - lr * weight_decay
+  opmath_t lr_l2;            // lr * l2_init in decoupled mode, else 0
+  opmath_t step_size;        // lr / (1 - b1^t)
+  opmath_t inv_bc2_sqrt;     // 1 / sqrt(1 - b2^t): a multiply, not a divide, in the loop
+  opmath_t eps;
+};
+
+// The one loop every variant runs. Without an anchor (l2_init == 0) the drift is 0 and the anchor is
+// never read; `a` must not alias the other arrays (they are restrict, which lets the loop vectorise).
+template <typename scalar_t, typename anchor_t, typename opmath_t, bool AMSGRAD, bool STORE_GRAD, bool ANCHOR>
+__attribute__((always_inline)) inline void adamw_loop(scalar_t* __restrict__ p, scalar_t* __restrict__ g,
+                                                      scalar_t* __restrict__ m, scalar_t* __restrict__ v,
+                                                      scalar_t* __restrict__ vmax, const anchor_t* __restrict__ a,
+                                                      int64_t n, const StepConsts<opmath_t>& c) {
+  for (int64_t i = 0; i < n; ++i) {
+    opmath_t grad = static_cast<opmath_t>(g[i]);
+    if constexpr (STORE_GRAD) {
+      grad *= c.inv_grad_scale;
+      g[i] = static_cast<scalar_t>(grad);
+    }
+    grad *= c.grad_mul;
+    const opmath_t param = static_cast<opmath_t>(p[i]);
+    opmath_t drift = 0;
+    if constexpr (ANCHOR) {
+      drift = param - static_cast<opmath_t>(a[i]);
+      grad += c.coupled_l2 * drift;
+    }
+    opmath_t exp_avg = static_cast<opmath_t>(m[i]);
+    exp_avg = exp_avg + c.one_minus_beta1 * (grad - exp_avg);
+    opmath_t exp_avg_sq = static_cast<opmath_t>(v[i]) * c.beta2 + c.one_minus_beta2 * grad * grad;
+    m[i] = static_cast<scalar_t>(exp_avg);
+    v[i] = static_cast<scalar_t>(exp_avg_sq);
+    if constexpr (AMSGRAD) {
+      exp_avg_sq = std::max(static_cast<opmath_t>(vmax[i]), exp_avg_sq);
+      vmax[i] = static_cast<scalar_t>(exp_avg_sq);
+    }
+    const opmath_t denom = std::sqrt(exp_avg_sq) * c.inv_bc2_sqrt + c.eps;
+    opmath_t updated = param * c.decay;
+    if constexpr (ANCHOR) updated -= c.lr_l2 * drift;
+    p[i] = static_cast<scalar_t>(updated - c.step_size * (exp_avg / denom));
+  }
+}
+
+template <typename scalar_t, typename anchor_t, typename opmath_t, bool AMSGRAD, bool STORE_GRAD, bool ANCHOR>
+void adamw_chunk_generic(scalar_t* p, scalar_t* g, scalar_t* m, scalar_t* v, scalar_t* vmax, const anchor_t* a,
+                         int64_t n, const StepConsts<opmath_t>& c) {
+  adamw_loop<scalar_t, anchor_t, opmath_t, AMSGRAD, STORE_GRAD, ANCHOR>(p, g, m, v, vmax, a, n, c);
+}
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define FASTFT_HAVE_AVX2 1
+// The same loop compiled for AVX2 + FMA, chosen at run time; the wheel itself targets baseline x86-64.
+template <typename scalar_t, typename anchor_t, typename opmath_t, bool AMSGRAD, bool STORE_GRAD, bool ANCHOR>
+__attribute__((target("avx2,fma,f16c"))) void adamw_chunk_avx2(scalar_t* p, scalar_t* g, scalar_t* m, scalar_t* v,
+                                                              scalar_t* vmax, const anchor_t* a, int64_t n,
+                                                              const StepConsts<opmath_t>& c) {
+  adamw_loop<scalar_t, anchor_t, opmath_t, AMSGRAD, STORE_GRAD, ANCHOR>(p, g, m, v, vmax, a, n, c);
+}
+
+template <typename scalar_t, typename anchor_t, typename opmath_t, bool AMSGRAD, bool STORE_GRAD, bool ANCHOR>
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma,f16c,prefer-vector-width=512"))) void adamw_chunk_avx512(
+    scalar_t* p, scalar_t* g, scalar_t* m, scalar_t* v, scalar_t* vmax, const anchor_t* a, int64_t n,
+    const StepConsts<opmath_t>& c) {
+  adamw_loop<scalar_t, anchor_t, opmath_t, AMSGRAD, STORE_GRAD, ANCHOR>(p, g, m, v, vmax, a, n, c);
+}
+
+bool cpu_has_avx512() {
+  static const bool has = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                          __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+  return has;
+}
+
+bool cpu_has_avx2() {
+  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return has;
+}
+#endif
+
+template <typename scalar_t, typename anchor_t, bool AMSGRAD, bool STORE_GRAD, bool ANCHOR>
+void adamw_group(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& grads,
+                 const std::vector<at::Tensor>& exp_avgs, const std::vector<at::Tensor>& exp_avg_sqs,
+                 const std::vector<at::Tensor>& max_exp_avg_sqs, const std::vector<at::Tensor>& anchors,
+                 const std::vector<at::opmath_type<scalar_t>>& steps, double lr, double beta1, double beta2,
+                 double weight_decay, double eps, double l2_init, bool coupled, bool maximize,
+                 double inv_grad_scale, double clip_coef) {
+  using opmath_t = at::opmath_type<scalar_t>;
+  std::vector<StepConsts<opmath_t>> consts(params.size());
+  for (size_t t = 0; t < params.size(); ++t) {
+    const double step = steps[t];
+    auto& c = consts[t];
+    c.inv_grad_scale = static_cast<opmath_t>(inv_grad_scale);
+    const double mul = maximize ? -clip_coef : clip_coef;
+    c.grad_mul = static_cast<opmath_t>(STORE_GRAD ? mul : mul * inv_grad_scale);
+    c.one_minus_beta1 = static_cast<opmath_t>(1.0 - beta1);
+    c.beta2 = static_cast<opmath_t>(beta2);
+    c.one_minus_beta2 = static_cast<opmath_t>(1.0 - beta2);
+    c.coupled_l2 = static_cast<opmath_t>(coupled ? 2.0 * l2_init : 0.0);
+    c.decay = static_cast<opmath_t>(1.0 - lr * weight_decay);
+    c.lr_l2 = static_cast<opmath_t>(coupled ? 0.0 : lr * l2_init);
+    c.step_size = static_cast<opmath_t>(lr / (1.0 - std::pow(beta1, step)));
+    c.inv_bc2_sqrt = static_cast<opmath_t>(1.0 / std::sqrt(1.0 - std::pow(beta2, step)));
+    c.eps = static_cast<opmath_t>(eps);
+  }
+  const auto work = make_work(params);
+  auto chunk_fn = &adamw_chunk_generic<scalar_t, anchor_t, opmath_t, AMSGRAD, STORE_GRAD, ANCHOR>;
+#ifdef FASTFT_HAVE_AVX2
+  if (cpu_has_avx512()) chunk_fn = &adamw_chunk_avx512<scalar_t, anchor_t, opmath_t, AMSGRAD, STORE_GRAD, ANCHOR>;
+  else if (cpu_has_avx2()) chunk_fn = &adamw_chunk_avx2<scalar_t, anchor_t, opmath_t, AMSGRAD, STORE_GRAD, ANCHOR>;
+#endif
+  at::parallel_for(0, static_cast<int64_t>(work.size()), 1, [&](int64_t begin, int64_t end) {
+    for (int64_t w = begin; w < end; ++w) {
+      const auto& item = work[w];
+      const auto t = item.tensor;
+      const auto off = item.begin;
+      scalar_t* p = params[t].data_ptr<scalar_t>() + off;
+      const anchor_t* a = ANCHOR ? anchors[t].data_ptr<anchor_t>() + off : nullptr;
+      scalar_t* vmax = AMSGRAD ? max_exp_avg_sqs[t].data_ptr<scalar_t>() + off : nullptr;
+      chunk_fn(p, grads[t].data_ptr<scalar_t>() + off, exp_avgs[t].data_ptr<scalar_t>() + off,
+               exp_avg_sqs[t].data_ptr<scalar_t>() + off, vmax, a, item.end - item.begin, consts[t]);
+    }
+  });
+}
+
+// Turns the three runtime flags into template arguments, so each loop is branch-free.
+template <typename scalar_t, typename anchor_t, bool... Flags>
+void adamw_dispatch_flags(std::initializer_list<bool> flags, auto&&... args) {
+  if constexpr (sizeof...(Flags) == 3) {
+    adamw_group<scalar_t, anchor_t, Flags...>(args...);
+  } else {
+    if (flags.begin()[sizeof...(Flags)]) adamw_dispatch_flags<scalar_t, anchor_t, Flags..., true>(flags, args...);
+    else adamw_dispatch_flags<scalar_t, anchor_t, Flags..., false>(flags, args...);
+  }
+}
+
+void adamw_l2init_cpu(at::TensorList params_, at::TensorList grads_, at::TensorList exp_avgs_,
+                      at::TensorList exp_avg_sqs_, at::TensorList max_exp_avg_sqs_, at::TensorList state_steps_,
+                      at::TensorList anchors_, double lr, double beta1, double beta2, double weight_decay, double eps,
+                      double l2_init, bool coupled, bool amsgrad, bool maximize,
+                      const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
+                      const std::optional<at::Tensor>& clip_coef) {
+  const std::vector<at::Tensor> params = params_.vec(), grads = grads_.vec(), exp_avgs = exp_avgs_.vec(),
+                                exp_avg_sqs = exp_avg_sqs_.vec(), max_exp_avg_sqs = max_exp_avg_sqs_.vec(),
+                                state_steps = state_steps_.vec();
+  // With l2_init == 0 the anchors are never read: drop them so the loop aliases p instead.
+  const std::vector<at::Tensor> anchors = l2_init == 0.0 ? std::vector<at::Tensor>{} : anchors_.vec();
+  check_adamw_args(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, anchors_.vec(), amsgrad, l2_init);
+  if (params.empty()) return;
+  const auto device = params[0].device();
+  check_scalar_arg(grad_scale, device, "grad_scale");
+  check_scalar_arg(found_inf, device, "found_inf");
+  check_scalar_arg(clip_coef, device, "clip_coef");
+  if (found_inf.has_value() && found_inf->item<float>() != 0.0f) return;  // skipped step: nothing changes
+
+  const double inv_grad_scale = grad_scale.has_value() ? 1.0 / grad_scale->item<float>() : 1.0;
+  const double clip = clip_coef.has_value() ? clip_coef->item<float>() : 1.0;
+  const auto dtype = params[0].scalar_type();
+  const auto anchor_dtype = anchors.empty() ? dtype : anchors[0].scalar_type();
+  for (const auto& a : anchors)
+    TORCH_CHECK(a.scalar_type() == anchor_dtype, "fastft.adamw_l2init_: all anchors of one call must share a dtype");
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "fastft_adamw_l2init_cpu", [&] {
+    using opmath_t = at::opmath_type<scalar_t>;
+    std::vector<opmath_t> steps(params.size());
+    for (size_t t = 0; t < params.size(); ++t) {
+      float* s = state_steps[t].data_ptr<float>();
+      *s += 1.0f;
+      steps[t] = static_cast<opmath_t>(*s);
+    }
+    const bool store_grad = grad_scale.has_value();
+    auto run = [&](auto anchor_tag) {
+      using anchor_t = decltype(anchor_tag);
+      adamw_dispatch_flags<scalar_t, anchor_t>({amsgrad, store_grad, !anchors.empty()}, params, grads, exp_avgs, exp_avg_sqs,
+                                               max_exp_avg_sqs, anchors, steps, lr, beta1, beta2, weight_decay, eps,
+                                               l2_init, coupled, maximize, inv_grad_scale, clip);
+    };
+    if (anchors.empty() || anchor_dtype == dtype) run(scalar_t{});
+    else if (anchor_dtype == at::kFloat) run(float{});
+    else if (anchor_dtype == at::kBFloat16) run(at::BFloat16{});
+    else run(at::Half{});
+  });
+}
+
+template <typename scalar_t, typename acc_t>
+__attribute__((always_inline)) inline acc_t sum_sq_loop(const scalar_t* x, int64_t n) {
+  // Eight independent partial sums let the compiler vectorise without -ffast-math reassociation.
+  acc_t acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8)
+    for (int k = 0; k < 8; ++k) {
+      const acc_t v = static_cast<acc_t>(x[i + k]);
+      acc[k] += v * v;
+    }
+  for (; i < n; ++i) {
+    const acc_t v = static_cast<acc_t>(x[i]);
+    acc[0] += v * v;
+  }
+  return ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+}
+
+template <typename scalar_t, typename acc_t>
+acc_t sum_sq_generic(const scalar_t* x, int64_t n) { return sum_sq_loop<scalar_t, acc_t>(x, n); }
+
+#ifdef FASTFT_HAVE_AVX2
+template <typename scalar_t, typename acc_t>
+__attribute__((target("avx2,fma,f16c"))) acc_t sum_sq_avx2(const scalar_t* x, int64_t n) {
+  return sum_sq_loop<scalar_t, acc_t>(x, n);
+}
+#endif
+
+at::Tensor sum_of_squares_cpu(at::TensorList tensors_) {
+  const std::vector<at::Tensor> tensors = tensors_.vec();
+  check_sum_of_squares_args(tensors);
+  const auto dtype = tensors[0].scalar_type();
+  const auto acc_dtype = dtype == at::kDouble ? at::kDouble : at::kFloat;
+  at::Tensor out = at::empty({}, tensors[0].options().dtype(acc_dtype));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "fastft_sum_of_squares_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const auto work = make_work(tensors);
+    auto fn = &sum_sq_generic<scalar_t, acc_t>;
+#ifdef FASTFT_HAVE_AVX2
+    if (cpu_has_avx2()) fn = &sum_sq_avx2<scalar_t, acc_t>;
+#endif
+    // Partial sums per work item, added in a fixed order: the result does not depend on the thread count.
+    std::vector<acc_t> partial(work.size(), acc_t(0));
+    at::parallel_for(0, static_cast<int64_t>(work.size()), 1, [&](int64_t begin, int64_t end) {
+      for (int64_t w = begin; w < end; ++w) {
+        const auto& item = work[w];
+        partial[w] = fn(tensors[item.tensor].data_ptr<scalar_t>() + item.begin, item.end - item.begin);
+      }
+    });
+    acc_t total = 0;
+    for (acc_t x : partial) total += x;
+    out.fill_(total);
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastft, CPU, m) {
+  m.impl("adamw_l2init_", &adamw_l2init_cpu);
+  m.impl("sum_of_squares", &sum_of_squares_cpu);
+}
+
+}  // namespace fastft

@@ -1,0 +1,30 @@
+// The op schemas of the `fastft` library and the `fastft._C` Python module (build facts only;
+// the kernels are reached through torch.ops.fastft, which dispatches CPU / CUDA by itself).
+#include <torch/extension.h>
+
+TORCH_LIBRARY(fastft, m) {
+  // One fused AdamW step with L2-to-init over a list of tensors of one (device, dtype) group.
+  // Modelled on aten::_fused_adamw_, plus: anchors (p0, empty when l2_init == 0), l2_init and its mode,
+  // state_steps incremented by the op itself (not when found_inf is set), and an optional clip
+  // coefficient multiplied into the gradient. grads are written only when grad_scale is given
+  // (they are unscaled in place, as torch's fused AdamW does).
+  m.def(
+      "adamw_l2init_(Tensor(a!)[] params, Tensor(b!)[] grads, Tensor(c!)[] exp_avgs, Tensor(d!)[] exp_avg_sqs, "
+      "Tensor(e!)[] max_exp_avg_sqs, Tensor(f!)[] state_steps, Tensor[] anchors, *, float lr, float beta1, "
+      "float beta2, float weight_decay, float eps, float l2_init, bool coupled, bool amsgrad, bool maximize, "
+      "Tensor? grad_scale=None, Tensor? found_inf=None, Tensor? clip_coef=None) -> ()");
+  // Sum of squares of all elements of all tensors, accumulated in float32 (float64 for float64): a 0-dim tensor.
+  m.def("sum_of_squares(Tensor[] tensors) -> Tensor");
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "fastft compiled kernels (registered as torch.ops.fastft)";
+  m.attr("torch_version") = FASTFT_TORCH_VERSION;
+#ifdef FASTFT_WITH_CUDA
+  m.attr("cuda") = true;
+  m.attr("cuda_archs") = FASTFT_CUDA_ARCHS;
+#else
+  m.attr("cuda") = false;
+  m.attr("cuda_archs") = "";
+#endif
+}

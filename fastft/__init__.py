@@ -1,0 +1,43 @@
+"""fastft: fast, forgetting-aware fine-tuning of pretrained PyTorch models.
+
+Fused C++/CUDA kernels (registered as ``torch.ops.fastft``) under a thin Python API.
+"""
+
+from __future__ import annotations
+
+from importlib.metadata import PackageNotFoundError, version as _pkg_version
+
+from . import _ext
+from .optim import AdamW
+
+try:
+    __version__ = _pkg_version("fastft")
+except PackageNotFoundError:  # running from a source tree that was never installed
+    __version__ = "0.0.0+unknown"
+
+__all__ = ["AdamW", "build_info", "__version__"]
+
+
+def build_info() -> dict:
+    """What this fastft is and what it runs on.
+
+    Returns a dict with ``version`` (fastft), ``torch`` (the torch imported now), ``extension``
+    (True when the compiled kernels are loaded; False means the pure-PyTorch reference runs),
+    ``cuda`` (True when CUDA kernels were compiled in), ``cuda_archs`` (the architectures they were
+    compiled for, e.g. ``"80,90"``), ``built_with_torch`` (the torch the extension was compiled
+    against, or None), ``kernel_devices`` (device types the kernels handle) and ``load_error``
+    (why the extension is not loaded, or None).
+    """
+    import torch
+
+    c = _ext._C
+    return {
+        "version": __version__,
+        "torch": torch.__version__,
+        "extension": c is not None,
+        "cuda": bool(c is not None and c.cuda),
+        "cuda_archs": c.cuda_archs if c is not None else "",
+        "built_with_torch": c.torch_version if c is not None else None,
+        "kernel_devices": sorted(_ext.KERNEL_DEVICES),
+        "load_error": _ext.LOAD_ERROR,
+    }

@@ -1,0 +1,331 @@
+"""``fastft.AdamW``: a drop-in ``torch.optim.AdamW`` with L2-to-init and fused gradient clipping."""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple, Union
+
+import torch
+from torch import Tensor
+
+from . import _ext
+
+__all__ = ["AdamW"]
+
+_PARAM_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+_ANCHOR_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_MODES = ("decoupled", "coupled")
+
+
+def _scalar(x: Union[float, Tensor]) -> float:
+    return float(x.item()) if isinstance(x, Tensor) else float(x)
+
+
+def _check_hyperparameters(group: Dict[str, Any], where: str) -> None:
+    """Raise ValueError naming the first out-of-range hyper-parameter of ``group``."""
+
+    def bad(name: str, value: Any, rule: str) -> ValueError:
+        return ValueError(f"fastft.AdamW: invalid {name}={value!r} in {where}: {rule}")
+
+    lr = _scalar(group["lr"])
+    if not (math.isfinite(lr) and lr >= 0.0):
+        raise bad("lr", group["lr"], "must be a finite number >= 0")
+    eps = _scalar(group["eps"])
+    if not (math.isfinite(eps) and eps >= 0.0):
+        raise bad("eps", group["eps"], "must be a finite number >= 0")
+    betas = group["betas"]
+    if not (isinstance(betas, (tuple, list)) and len(betas) == 2):
+        raise bad("betas", betas, "must be a pair (beta1, beta2)")
+    for i, b in enumerate(betas):
+        b = _scalar(b)
+        if not (0.0 <= b < 1.0):
+            raise bad(f"betas[{i}]", betas[i], "must be in [0, 1)")
+    wd = _scalar(group["weight_decay"])
+    if not (math.isfinite(wd) and wd >= 0.0):
+        raise bad("weight_decay", group["weight_decay"], "must be a finite number >= 0")
+    l2 = group["l2_init"]
+    if isinstance(l2, bool) or not isinstance(l2, (int, float)) or not (math.isfinite(l2) and l2 >= 0.0):
+        raise bad("l2_init", l2, "must be a finite number >= 0 (0 disables L2-to-init)")
+    if group["l2_init_mode"] not in _MODES:
+        raise bad("l2_init_mode", group["l2_init_mode"], f"must be one of {_MODES}")
+    ad = group["anchor_dtype"]
+    if ad is not None and ad not in _ANCHOR_DTYPES:
+        raise bad("anchor_dtype", ad, "must be None (the parameter's dtype), torch.float32, torch.bfloat16 or torch.float16")
+    if not isinstance(group["amsgrad"], bool) or not isinstance(group["maximize"], bool):
+        raise ValueError(f"fastft.AdamW: amsgrad and maximize must be bools in {where}")
+
+
+def _check_param(p: Tensor, where: str) -> None:
+    if not isinstance(p, Tensor):
+        raise TypeError(f"fastft.AdamW: {where} holds a {type(p).__name__}, expected tensors (parameters)")
+    if p.is_complex():
+        raise ValueError(
+            f"fastft.AdamW: complex parameter of shape {tuple(p.shape)} in {where} is not supported; "
+            "optimise torch.view_as_real(p) instead")
+    if p.dtype not in _PARAM_DTYPES:
+        raise ValueError(
+            f"fastft.AdamW: parameter of shape {tuple(p.shape)} in {where} has dtype {p.dtype}; "
+            "supported: float32, float16, bfloat16, float64")
+
+
+def _is_dense(t: Tensor) -> bool:
+    """True when ``t`` covers its memory exactly once (contiguous up to a permutation of its dims)."""
+    if t.is_contiguous():
+        return True
+    expected = 1
+    for size, stride in sorted(((s, st) for s, st in zip(t.shape, t.stride()) if s != 1), key=lambda x: x[1]):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+def _anchor_dtype_for(group: Dict[str, Any], p: Tensor) -> torch.dtype:
+    return p.dtype if group["anchor_dtype"] is None else group["anchor_dtype"]
+
+
+class AdamW(torch.optim.Optimizer):
+    r"""AdamW whose fused multi-tensor step also pulls every weight toward its pretrained value.
+
+    A drop-in replacement for :class:`torch.optim.AdamW` (same arguments, same results with
+    ``l2_init=0``, state_dicts load both ways) with three additions:
+
+    * **L2-to-init** (``l2_init`` = :math:`\lambda`, per group): the anchor :math:`p_0` is the value a
+      parameter had at its first step (for a pretrained model: the pretrained weight), snapshot lazily
+      into ``state["anchor"]``, so parameters never stepped cost no anchor memory.
+
+      - ``l2_init_mode="decoupled"`` (default): :math:`p \leftarrow p - \text{lr}(\text{wd}\,p + \lambda(p - p_0)) - \text{lr}\,\hat m/(\sqrt{\hat v} + \epsilon)`;
+      - ``l2_init_mode="coupled"``: :math:`g \leftarrow g + 2\lambda(p - p_0)` before the moments, i.e.
+        exactly ``torch.optim.AdamW`` on ``loss + λ Σ‖p − p0‖²``.
+
+      ``anchor_dtype=torch.bfloat16`` stores anchors in half the memory; ``reset_anchors()``
+      re-snapshots them (e.g. after domain-adaptive pretraining).
+    * **Fused clipping** (``max_grad_norm``): the global L2 norm of all gradients of the optimizer in
+      one fused reduction, applied as a scale inside the update, without rewriting ``p.grad``; the
+      same as ``torch.nn.utils.clip_grad_norm_(params, max_grad_norm)`` then ``step()``. The norm
+      (before clipping, a 0-dim float32 tensor) is kept in :attr:`last_grad_norm`. In coupled mode the
+      L2-to-init term is added after clipping (it is not part of the gradients being clipped).
+    * **AMP**: ``step(grad_scale=..., found_inf=...)`` as torch's fused AdamW: gradients are
+      unscaled inside the kernel (and written back unscaled), the step is skipped without a host
+      sync when ``found_inf`` is set; ``torch.amp.GradScaler`` uses this automatically.
+
+    Parameters without a gradient (frozen) are skipped entirely: no state, no anchor, no memory
+    traffic. Parameters may be float32, float16, bfloat16 or float64; the math runs in float32
+    (float64 for float64) and the moments keep the parameter's dtype, as in torch. ``foreach`` and
+    ``fused`` are accepted for compatibility and ignored (the step is always fused).
+
+    Args:
+        params: parameters or parameter groups (dicts that may override any hyper-parameter below,
+            ``l2_init``, ``l2_init_mode`` and ``anchor_dtype`` included).
+        lr, betas, eps, weight_decay, amsgrad, maximize: as in :class:`torch.optim.AdamW`.
+        l2_init: strength :math:`\lambda \ge 0` of the pull toward the anchor; 0 disables it.
+        l2_init_mode: ``"decoupled"`` or ``"coupled"`` (see above).
+        anchor_dtype: dtype the anchors are stored in (None: the parameter's dtype).
+        max_grad_norm: clip the global gradient norm to this value (None: no clipping).
+    """
+
+    _step_supports_amp_scaling = True
+
+    def __init__(
+        self,
+        params: Iterable[Union[Tensor, Dict[str, Any]]],
+        lr: Union[float, Tensor] = 1e-3,
+        betas: Tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 1e-2,
+        amsgrad: bool = False,
+        *,
+        maximize: bool = False,
+        l2_init: float = 0.0,
+        l2_init_mode: str = "decoupled",
+        anchor_dtype: Optional[torch.dtype] = None,
+        max_grad_norm: Optional[float] = None,
+        foreach: Optional[bool] = None,
+        fused: Optional[bool] = None,
+    ) -> None:
+        defaults = dict(lr=lr, betas=tuple(betas) if isinstance(betas, list) else betas, eps=eps,
+                        weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize, l2_init=l2_init,
+                        l2_init_mode=l2_init_mode, anchor_dtype=anchor_dtype)
+        _check_hyperparameters(defaults, "the defaults")
+        if max_grad_norm is not None and not (
+                isinstance(max_grad_norm, (int, float)) and math.isfinite(max_grad_norm) and max_grad_norm > 0):
+            raise ValueError(f"fastft.AdamW: invalid max_grad_norm={max_grad_norm!r}: must be a finite number > 0 or None")
+        self.max_grad_norm: Optional[float] = None if max_grad_norm is None else float(max_grad_norm)
+        self.last_grad_norm: Optional[Tensor] = None
+        super().__init__(params, defaults)
+
+    def add_param_group(self, param_group: Dict[str, Any]) -> None:
+        """Add a parameter group (see :meth:`torch.optim.Optimizer.add_param_group`), checking its values."""
+        probe = dict(self.defaults)
+        probe.update({k: v for k, v in param_group.items() if k != "params"})
+        where = f"param group {len(self.param_groups)}"
+        _check_hyperparameters(probe, where)
+        params = param_group["params"]
+        for p in [params] if isinstance(params, Tensor) else list(params):
+            _check_param(p, where)
+        super().add_param_group(param_group)
+
+    def __setstate__(self, state: Dict[str, Any]) -> None:
+        super().__setstate__(state)
+        # A torch.optim.AdamW state_dict has none of fastft's keys: take them from the defaults.
+        for group in self.param_groups:
+            for key, value in self.defaults.items():
+                group.setdefault(key, value)
+        self.__dict__.setdefault("max_grad_norm", None)
+        self.__dict__.setdefault("last_grad_norm", None)
+
+    def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
+        """Load a state_dict of ``fastft.AdamW`` or of ``torch.optim.AdamW``.
+
+        The hyper-parameters and tensors of every group are checked first; on any error nothing
+        changes. Steps are kept as float32 tensors on their parameter's device and anchors in the
+        group's ``anchor_dtype``. Parameters whose state has no anchor (a torch AdamW checkpoint)
+        take theirs lazily, at their next step with ``l2_init > 0``.
+        """
+        groups = state_dict.get("param_groups") if isinstance(state_dict, dict) else None
+        if groups is None or "state" not in state_dict:
+            raise ValueError("fastft.AdamW.load_state_dict: expected a dict with 'state' and 'param_groups'")
+        for i, g in enumerate(groups):
+            probe = dict(self.defaults)
+            probe.update({k: v for k, v in g.items() if k != "params"})
+            _check_hyperparameters(probe, f"param group {i} of the state_dict")
+        super().load_state_dict(state_dict)
+        for group in self.param_groups:
+            for p in group["params"]:
+                state = self.state.get(p)
+                if not state:
+                    continue
+                step = state.get("step")
+                if step is not None:
+                    state["step"] = (step if isinstance(step, Tensor) else torch.tensor(float(step))).to(
+                        dtype=torch.float32, device=p.device).reshape(())
+                if "anchor" in state:
+                    state["anchor"] = state["anchor"].to(dtype=_anchor_dtype_for(group, p), device=p.device)
+
+    @torch.no_grad()
+    def reset_anchors(self) -> None:
+        """Re-snapshot every anchor to the parameter's current value (e.g. after domain-adaptive pretraining).
+
+        Parameters that have no anchor yet keep taking theirs lazily at their first step with ``l2_init > 0``.
+        """
+        for group in self.param_groups:
+            for p in group["params"]:
+                state = self.state.get(p)
+                if state and "anchor" in state:
+                    state["anchor"].copy_(p)
+
+    def _collect(self) -> List[Tuple[Dict[str, Any], List[Tensor]]]:
+        """Check every group and gradient; return the parameters to step, per group. Changes nothing."""
+        plan = []
+        for gi, group in enumerate(self.param_groups):
+            where = f"param group {gi}"
+            _check_hyperparameters(group, where)
+            stepped = []
+            for p in group["params"]:
+                g = p.grad
+                if g is None:
+                    continue
+                _check_param(p, where)
+                if g.is_sparse or g.layout != torch.strided:
+                    raise RuntimeError(
+                        f"fastft.AdamW does not support sparse gradients (parameter of shape {tuple(p.shape)} in "
+                        f"{where}); use torch.optim.SparseAdam or a dense embedding (sparse=False)")
+                if g.dtype != p.dtype or g.device != p.device or g.shape != p.shape:
+                    raise RuntimeError(
+                        f"fastft.AdamW: the gradient of a parameter in {where} is {g.dtype} {tuple(g.shape)} on "
+                        f"{g.device}, but the parameter is {p.dtype} {tuple(p.shape)} on {p.device}; they must match")
+                stepped.append(p)
+            plan.append((group, stepped))
+        return plan
+
+    def _clip_coefficients(self, plan, grad_scale: Optional[Tensor]) -> Dict[torch.device, Tensor]:
+        """One fused sum of squares per (device, dtype); returns the clip coefficient per device."""
+        by_key: Dict[Tuple[torch.device, torch.dtype], List[Tensor]] = defaultdict(list)
+        for _, params in plan:
+            for p in params:
+                by_key[(p.device, p.dtype)].append(p.grad)
+        if not by_key:
+            self.last_grad_norm = None
+            return {}
+        first_device = next(iter(by_key))[0]
+        partial = [_ext.sum_of_squares(grads).to(device=first_device, dtype=torch.float32)
+                   for grads in by_key.values()]
+        norm = torch.stack(partial).sum().sqrt() if len(partial) > 1 else partial[0].sqrt()
+        if grad_scale is not None:
+            norm = norm / grad_scale.to(device=first_device, dtype=torch.float32)
+        self.last_grad_norm = norm
+        coef = (self.max_grad_norm / (norm + 1e-6)).clamp(max=1.0)
+        return {dev: coef.to(dev) for dev in {k[0] for k in by_key}}
+
+    @torch.no_grad()
+    def step(self, closure: Optional[Callable[[], Any]] = None, *, grad_scale: Optional[Tensor] = None,
+             found_inf: Optional[Tensor] = None):
+        """Perform one optimisation step over all parameters that have a gradient.
+
+        Args:
+            closure: re-evaluates the model and returns the loss (optional).
+            grad_scale: the AMP loss scale the gradients carry (``GradScaler`` passes it).
+            found_inf: nonzero when the scaled gradients hold an inf/NaN; the step is then skipped.
+        Returns:
+            the closure's loss, or None.
+        """
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        if grad_scale is None:
+            grad_scale = getattr(self, "grad_scale", None)
+        if found_inf is None:
+            found_inf = getattr(self, "found_inf", None)
+
+        plan = self._collect()
+        clip = self._clip_coefficients(plan, grad_scale) if self.max_grad_norm is not None else {}
+        per_device: Dict[Tuple[str, torch.device], Tensor] = {}
+
+        def on(t: Optional[Tensor], name: str, device: torch.device) -> Optional[Tensor]:
+            if t is None:
+                return None
+            key = (name, device)
+            if key not in per_device:
+                per_device[key] = t.to(device=device, dtype=torch.float32, non_blocking=True).reshape(())
+            return per_device[key]
+
+        for group, params in plan:
+            if not params:
+                continue
+            l2 = float(group["l2_init"])
+            amsgrad = group["amsgrad"]
+            buckets: Dict[tuple, List[List[Tensor]]] = defaultdict(lambda: [[] for _ in range(7)])
+            for p in params:
+                state = self.state[p]
+                if len(state) == 0:
+                    state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
+                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                if amsgrad and "max_exp_avg_sq" not in state:
+                    state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                anchor = None
+                if l2 != 0.0:
+                    if "anchor" not in state:
+                        state["anchor"] = p.detach().to(dtype=_anchor_dtype_for(group, p), copy=True)
+                    anchor = state["anchor"]
+                g = p.grad
+                fused_ok = _is_dense(p) and all(
+                    t.stride() == p.stride() for t in (g, state["exp_avg"], state["exp_avg_sq"], anchor, state.get(
+                        "max_exp_avg_sq")) if t is not None)
+                key = (p.device, p.dtype, None if anchor is None else anchor.dtype, fused_ok)
+                lists = buckets[key]
+                for i, t in enumerate((p, g, state["exp_avg"], state["exp_avg_sq"],
+                                       state.get("max_exp_avg_sq"), state["step"], anchor)):
+                    if t is not None:
+                        lists[i].append(t)
+            beta1, beta2 = group["betas"]
+            hyper = dict(lr=_scalar(group["lr"]), beta1=_scalar(beta1), beta2=_scalar(beta2),
+                         weight_decay=_scalar(group["weight_decay"]), eps=_scalar(group["eps"]), l2_init=l2,
+                         coupled=group["l2_init_mode"] == "coupled", amsgrad=amsgrad, maximize=group["maximize"])
+            for (device, _, _, fused_ok), lists in buckets.items():
+                kernel = _ext.adamw_l2init_ if fused_ok else _ext._reference.adamw_l2init_
+                kernel(*lists, **hyper, grad_scale=on(grad_scale, "scale", device),
+                       found_inf=on(found_inf, "inf", device), clip_coef=clip.get(device))
+        return loss
