@@ -30,7 +30,7 @@ for _ in range(10):
         q.grad = p.grad.clone()
     opt_a.step()
     opt_b.step()
-err = max(float((p - q).abs().max()) for p, q in zip(a, b))
+err = max(float((p - q).abs().max().detach()) for p, q in zip(a, b))
 assert err < 1e-5, err
 print(f"CPU path OK (max |fastft - torch| = {err:.2e}); cuda kernels: {info['cuda']} ({info['cuda_archs']})")
 sys.exit(0)

@@ -88,13 +88,12 @@ def timer(device: torch.device):
 
 def bench_size(name: str, device: torch.device, dtype: torch.dtype, reps: int, warmup: int) -> list:
     shapes = transformer_shapes(**SIZES[name])
-    gen = torch.Generator().manual_seed(0)
 
     def fresh():
-        params = [torch.nn.Parameter(torch.randn(s, generator=gen, dtype=torch.float32).mul_(0.02).to(device, dtype))
-                  for s in shapes]
+        torch.manual_seed(0)  # the same values for every variant, generated on the device
+        params = [torch.nn.Parameter(torch.randn(s, device=device).mul_(0.02).to(dtype)) for s in shapes]
         for p in params:
-            p.grad = torch.randn(p.shape, generator=gen, dtype=torch.float32).mul_(1e-3).to(device, dtype)
+            p.grad = torch.randn(p.shape, device=device).mul_(1e-3).to(dtype)
         return params
 
     n = sum(torch.Size(s).numel() for s in shapes)

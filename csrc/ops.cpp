@@ -15,6 +15,12 @@ TORCH_LIBRARY(fastft, m) {
       "Tensor? grad_scale=None, Tensor? found_inf=None, Tensor? clip_coef=None) -> ()");
   // Sum of squares of all elements of all tensors, accumulated in float32 (float64 for float64): a 0-dim tensor.
   m.def("sum_of_squares(Tensor[] tensors) -> Tensor");
+  // Masked pooling of hidden [B, T, H] over the real tokens of mask [B, T] (None: all real), mode
+  // "mean" | "max" | "cls" | "last". Returns (pooled [B, H], index): index is the arg-max token per
+  // feature [B, H] for max, the chosen token [B] for cls/last (-1: no real token), empty for mean.
+  m.def("masked_pool(Tensor hidden, Tensor? mask, str mode) -> (Tensor, Tensor)");
+  // d hidden [B, tokens, H] from d pooled [B, H], written in one pass (zeros where nothing was pooled).
+  m.def("masked_pool_backward(Tensor grad, Tensor? mask, Tensor index, str mode, SymInt tokens) -> Tensor");
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {

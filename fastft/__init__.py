@@ -9,13 +9,26 @@ from importlib.metadata import PackageNotFoundError, version as _pkg_version
 
 from . import _ext
 from .optim import AdamW
+from .heads import ClassificationHead, ClassifierOutput, SequenceClassifier
+from .pooling import POOL_MODES, Pool, masked_mean_pool, pool
 
 try:
     __version__ = _pkg_version("fastft")
 except PackageNotFoundError:  # running from a source tree that was never installed
     __version__ = "0.0.0+unknown"
 
-__all__ = ["AdamW", "build_info", "__version__"]
+__all__ = [
+    "AdamW",
+    "ClassificationHead",
+    "ClassifierOutput",
+    "POOL_MODES",
+    "Pool",
+    "SequenceClassifier",
+    "build_info",
+    "masked_mean_pool",
+    "pool",
+    "__version__",
+]
 
 
 def build_info() -> dict:

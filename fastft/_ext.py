@@ -46,21 +46,6 @@ def use_kernel(device: torch.device) -> bool:
     return device.type in KERNEL_DEVICES
 
 
-if _C is not None:
-
-    @torch.library.register_fake("fastft::adamw_l2init_")
-    def _adamw_l2init_fake(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, anchors, *,
-                           lr, beta1, beta2, weight_decay, eps, l2_init, coupled, amsgrad, maximize,
-                           grad_scale=None, found_inf=None, clip_coef=None):
-        return None
-
-    @torch.library.register_fake("fastft::sum_of_squares")
-    def _sum_of_squares_fake(tensors):
-        torch._check(len(tensors) > 0, lambda: "fastft.sum_of_squares: needs at least one tensor")
-        dtype = torch.float64 if tensors[0].dtype == torch.float64 else torch.float32
-        return tensors[0].new_empty((), dtype=dtype)
-
-
 def adamw_l2init_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, anchors, **kwargs) -> None:
     """The fused AdamW + L2-to-init step (see :func:`fastft._reference.adamw_l2init_`), kernel when available."""
     if params and use_kernel(params[0].device):

@@ -8,12 +8,12 @@ the kernels against, so they are written to be plainly right, one tensor at a ti
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
 
-__all__ = ["adamw_l2init_", "sum_of_squares"]
+__all__ = ["adamw_l2init_", "sum_of_squares", "pool", "masked_pool", "masked_pool_backward"]
 
 
 def _opmath(dtype: torch.dtype) -> torch.dtype:
@@ -102,3 +102,97 @@ def sum_of_squares(tensors: Sequence[Tensor]) -> Tensor:
     for t in tensors:
         total += t.to(dt).square().sum()
     return total
+
+
+# --- masked pooling -------------------------------------------------------------------------------
+
+POOL_MODES = ("mean", "max", "cls", "last")
+
+
+def _real_tokens(hidden: Tensor, mask: Optional[Tensor]) -> Tensor:
+    """[B, T] bool: True for the tokens that count."""
+    if mask is None:
+        return torch.ones(hidden.shape[:2], dtype=torch.bool, device=hidden.device)
+    return mask != 0
+
+
+def _chosen_token(real: Tensor, mode: str) -> Tensor:
+    """First (cls) or last (last) real token per row, -1 where a row has none."""
+    B, T = real.shape
+    any_real = real.any(dim=1)
+    if T == 0:
+        return torch.full((B,), -1, dtype=torch.long, device=real.device)
+    if mode == "cls":
+        idx = real.to(torch.uint8).argmax(dim=1)
+    else:
+        idx = T - 1 - real.flip(1).to(torch.uint8).argmax(dim=1)
+    return torch.where(any_real, idx, torch.full_like(idx, -1))
+
+
+def pool(hidden: Tensor, mask: Optional[Tensor], mode: str) -> Tensor:
+    """Differentiable masked pooling of ``hidden`` [B, T, H] over the real tokens of ``mask`` [B, T].
+
+    mean: sum of real tokens / their count (accumulated in fp32, fp64 for fp64); max: maximum over
+    real tokens (gradient to the first arg-max); cls / last: the first / last real token. A row
+    without a real token gives zeros. Returns [B, H] in hidden's dtype.
+    """
+    B, T, H = hidden.shape
+    real = _real_tokens(hidden, mask)
+    acc = _opmath(hidden.dtype)
+    if mode == "mean":
+        w = real.to(acc)
+        count = w.sum(dim=1, keepdim=True)
+        total = torch.einsum("bt,bth->bh", w, hidden.to(acc))
+        return torch.where(count > 0, total / count.clamp(min=1), torch.zeros_like(total)).to(hidden.dtype)
+    if mode == "max":
+        if T == 0:
+            return hidden.new_zeros(B, H)
+        idx = masked_pool(hidden.detach(), mask, "max")[1]
+        picked = hidden.gather(1, idx.clamp(min=0)[:, None, :]).squeeze(1)
+        return torch.where(idx >= 0, picked, torch.zeros_like(picked))
+    if mode in ("cls", "last"):
+        idx = _chosen_token(real, mode)
+        picked = hidden[torch.arange(B, device=hidden.device), idx.clamp(min=0)] if T > 0 else hidden.new_zeros(B, H)
+        return torch.where((idx >= 0)[:, None], picked, torch.zeros_like(picked))
+    raise ValueError(f"fastft.pool: unknown mode {mode!r}; expected one of {POOL_MODES}")
+
+
+@torch.no_grad()
+def masked_pool(hidden: Tensor, mask: Optional[Tensor], mode: str) -> Tuple[Tensor, Tensor]:
+    """The forward op: (pooled [B, H], index). index: first arg-max token per feature [B, H] for max,
+    the chosen token [B] for cls / last (-1 for a row without a real token), empty for mean."""
+    B, T, H = hidden.shape
+    real = _real_tokens(hidden, mask)
+    empty_index = torch.empty(0, dtype=torch.long, device=hidden.device)
+    if mode == "max":
+        acc = _opmath(hidden.dtype)
+        if T == 0:
+            return hidden.new_zeros(B, H), torch.full((B, H), -1, dtype=torch.long, device=hidden.device)
+        vals = hidden.to(acc).masked_fill(~real[:, :, None], float("-inf"))
+        # First maximum on ties; a NaN wins, as in torch.max.
+        vals = torch.where(vals.isnan(), torch.full_like(vals, float("inf")), vals)
+        top = vals.max(dim=1, keepdim=True).values
+        first = (vals == top).to(torch.uint8).argmax(dim=1)
+        idx = torch.where(real.any(dim=1)[:, None], first, torch.full_like(first, -1))
+        picked = hidden.gather(1, idx.clamp(min=0)[:, None, :]).squeeze(1)
+        return torch.where(idx >= 0, picked, torch.zeros_like(picked)), idx
+    if mode in ("cls", "last"):
+        return pool(hidden, mask, mode), _chosen_token(real, mode)
+    return pool(hidden, mask, mode), empty_index
+
+
+def masked_pool_backward(grad: Tensor, mask: Optional[Tensor], index: Tensor, mode: str, tokens: int) -> Tensor:
+    """The backward op: d hidden [B, tokens, H] from d pooled [B, H] (see :func:`masked_pool`)."""
+    B, H = grad.shape
+    t = torch.arange(tokens, device=grad.device)
+    if mode == "mean":
+        real = torch.ones(B, tokens, dtype=torch.bool, device=grad.device) if mask is None else mask != 0
+        acc = _opmath(grad.dtype)
+        count = real.sum(dim=1, keepdim=True).to(acc)
+        w = torch.where(count > 0, real.to(acc) / count.clamp(min=1), torch.zeros_like(count))
+        return (w[:, :, None] * grad.to(acc)[:, None, :]).to(grad.dtype)
+    if mode == "max":
+        hit = index[:, None, :] == t[None, :, None]
+    else:
+        hit = (index[:, None] == t[None, :])[:, :, None]
+    return torch.where(hit, grad[:, None, :], torch.zeros((), dtype=grad.dtype, device=grad.device))

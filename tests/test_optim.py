@@ -205,7 +205,7 @@ def _amp_run(opt_factory, inf_at=None, steps=8, device="cpu"):
     scales = []
     for s in range(steps):
         opt.zero_grad()
-        with torch.autocast(device_type=str(device), dtype=torch.bfloat16 if str(device) == "cpu" else torch.float16):
+        with torch.autocast(device_type=str(device), dtype=torch.float16):
             loss = torch.nn.functional.cross_entropy(model(x), y)
         scaler.scale(loss).backward()
         if s == inf_at:
@@ -374,6 +374,45 @@ def test_lr_scheduler_and_noncontiguous_param(device):
     assert opt_a.param_groups[0]["lr"] == pytest.approx(1e-2 / 6)
 
 
+def test_works_with_a_compiled_model():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 2))
+    twin = copy.deepcopy(model)
+    compiled = torch.compile(model, backend="eager", fullgraph=True)
+    opt_a = fastft.AdamW(model.parameters(), lr=1e-2, l2_init=0.1, max_grad_norm=1.0)
+    opt_b = fastft.AdamW(twin.parameters(), lr=1e-2, l2_init=0.1, max_grad_norm=1.0)
+    x = torch.randn(16, 8)
+    for _ in range(3):
+        for net, opt in ((compiled, opt_a), (twin, opt_b)):
+            opt.zero_grad()
+            net(x).square().mean().backward()
+            opt.step()
+    for a, b in zip(model.parameters(), twin.parameters()):
+        torch.testing.assert_close(a, b)
+
+
+def test_inside_transformers_trainer(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("accelerate")
+    torch.manual_seed(0)
+    config = transformers.BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                                     intermediate_size=32, max_position_embeddings=32, num_labels=2)
+    model = transformers.BertForSequenceClassification(config)
+    pretrained = {n: p.detach().clone() for n, p in model.named_parameters()}
+    data = [{"input_ids": torch.randint(0, 50, (12,)), "labels": torch.tensor(i % 2)} for i in range(32)]
+    opt = fastft.AdamW(model.parameters(), lr=1e-3, l2_init=0.01, max_grad_norm=1.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0)
+    args = transformers.TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=8, num_train_epochs=1,
+                                          report_to=[], use_cpu=True, save_strategy="no", max_grad_norm=0.0,
+                                          disable_tqdm=True)
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=data, optimizers=(opt, sched))
+    trainer.train()
+    assert trainer.state.global_step == 4
+    p = dict(model.named_parameters())["bert.encoder.layer.0.attention.self.query.weight"]
+    assert torch.equal(opt.state[p]["anchor"], pretrained["bert.encoder.layer.0.attention.self.query.weight"])
+    assert float(opt.state[p]["step"]) == 4 and not torch.equal(p.detach(), opt.state[p]["anchor"])
+
+
 # --- bad input: a clear error, nothing modified -------------------------------------------------
 
 
@@ -515,6 +554,25 @@ def test_sum_of_squares_matches_torch(device, dtype):
     got = _ext.sum_of_squares(tensors)
     assert got.dtype == (torch.float64 if dtype == torch.float64 else torch.float32) and got.dim() == 0
     torch.testing.assert_close(got.double(), expected, rtol=1e-5 if dtype != torch.float64 else 1e-12, atol=0)
+
+
+@pytest.mark.cuda
+def test_cuda_tensor_past_2_pow_31_elements():
+    """The 64-bit offset path: a bf16 tensor of 2^31 + 1000 elements (4 GiB per list)."""
+    if torch.cuda.get_device_properties(0).total_memory < 40 * 2**30:
+        pytest.skip("needs a GPU with 40 GiB")
+    n = 2**31 + 1000
+    p = torch.nn.Parameter(torch.zeros(n, dtype=torch.bfloat16, device="cuda"))
+    p.grad = torch.ones(n, dtype=torch.bfloat16, device="cuda")
+    p.grad[-5:] = -1.0
+    opt = fastft.AdamW([p], lr=1e-2, weight_decay=0.0)
+    opt.step()
+    # Adam's first step moves every weight by -lr * sign(g) (up to eps): check both ends.
+    assert torch.allclose(p[:4].float(), torch.full((4,), -1e-2, device="cuda"), rtol=1e-2)
+    assert torch.allclose(p[-5:].float(), torch.full((5,), 1e-2, device="cuda"), rtol=1e-2)
+    assert torch.allclose(p[-1000:-5].float(), torch.full((995,), -1e-2, device="cuda"), rtol=1e-2)
+    del opt, p
+    torch.cuda.empty_cache()
 
 
 def test_op_argument_errors():

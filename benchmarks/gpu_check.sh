@@ -1,0 +1,71 @@
+#!/usr/bin/env bash
+# Everything a GPU machine has to show, in one call (well under 10 minutes):
+#   1. build fastft with CUDA for this card, print fastft.build_info()
+#   2. every CUDA test (kernels against the references, every dtype, chunk/launch boundaries, >2^31 elements)
+#   3. compute-sanitizer memcheck and racecheck over a small optimizer step and pooling fwd/bwd
+#   4. benchmarks (CUDA-event medians), the table printed last and written to benchmarks/results/
+# Needs: torch with CUDA, nvcc, cmake, ninja, scikit-build-core, pytest (no network).
+# Results are also copied to $OUT when it is set (the device tool brings $OUT back).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+export PATH=/usr/local/cuda/bin:$PATH
+RES=benchmarks/results
+mkdir -p "$RES"
+LOG=$RES/gpu_check.log
+: > "$LOG"
+status=0
+step() { echo; echo "== $*" | tee -a "$LOG"; }
+
+ARCH=$($PY -c "import torch; c = torch.cuda.get_device_capability(); print(f'{c[0]}{c[1]}')")
+GPU=$($PY -c "import torch; print(torch.cuda.get_device_name())")
+step "build for sm_$ARCH ($GPU), torch $($PY -c 'import torch; print(torch.__version__)')"
+FASTFT_CUDA=ON FASTFT_CUDA_ARCHS=$ARCH $PY -m pip install -q --no-index --no-build-isolation --no-deps \
+  -C build-dir=build/gpu -C build.verbose=false -e . 2>&1 | tail -20 | tee -a "$LOG"
+$PY -c "import fastft, json; i = fastft.build_info(); print(json.dumps(i)); assert i['cuda'] and i['extension'], i" \
+  2>&1 | tee -a "$LOG" || { echo "build failed"; exit 1; }
+
+step "CUDA tests"
+timeout 300 $PY -m pytest -q -x tests -k "cuda" 2>&1 | tail -25 | tee -a "$LOG"
+[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+
+step "compute-sanitizer"
+CASE='
+import torch, fastft
+from fastft import _ext
+torch.manual_seed(0)
+shapes = [(3, 5), (70001,), (0,), (131073,), (7,)]
+for dtype in (torch.float32, torch.bfloat16):
+    ps = [torch.nn.Parameter(torch.randn(s, device="cuda", dtype=dtype)) for s in shapes]
+    for p in ps:
+        p.grad = torch.randn_like(p)
+    opt = fastft.AdamW(ps, lr=1e-3, l2_init=0.1, amsgrad=True, max_grad_norm=1.0, anchor_dtype=torch.bfloat16)
+    opt.step(); opt.step(grad_scale=torch.tensor(2.0, device="cuda"), found_inf=torch.tensor(0.0, device="cuda"))
+    print(float(_ext.sum_of_squares([p.grad for p in ps])))
+for dtype in (torch.float32, torch.bfloat16):
+    for B, T, H in ((3, 17, 40), (2, 9, 1030), (4, 5, 3)):
+        h = torch.randn(B, T, H, device="cuda", dtype=dtype, requires_grad=True)
+        m = (torch.arange(T, device="cuda")[None] < torch.tensor([T, 1, 0, 2][:B], device="cuda")[:, None]).long()
+        for mode in fastft.POOL_MODES:
+            fastft.pool(h, m, mode).float().sum().backward()
+            fastft.pool(h.transpose(0, 1).contiguous().transpose(0, 1), None, mode).float().sum().backward()
+torch.cuda.synchronize()
+'
+if command -v compute-sanitizer >/dev/null; then
+  timeout 240 compute-sanitizer --tool memcheck --error-exitcode 1 $PY -c "$CASE" 2>&1 | tail -4 | tee -a "$LOG"
+  [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+  timeout 240 compute-sanitizer --tool racecheck --error-exitcode 1 $PY -c "$CASE" 2>&1 | tail -4 | tee -a "$LOG"
+  [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+else
+  echo "compute-sanitizer not found" | tee -a "$LOG"; status=1
+fi
+
+step "benchmarks"
+timeout 200 $PY benchmarks/bench_pool.py --device cuda 2>&1 | tee "$RES/gpu_bench_pool.txt"
+[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+timeout 240 $PY benchmarks/bench_adamw.py --device cuda --sizes 23M 350M 1.3B 2>&1 | tee "$RES/gpu_bench_adamw.txt"
+[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+
+if [ -n "${OUT:-}" ]; then cp -r "$RES"/. "$OUT"/; fi
+echo; echo "gpu_check status: $status (0 = all passed)"
+exit $status

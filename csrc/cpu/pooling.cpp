@@ -1,0 +1,206 @@
+// CPU kernels of masked pooling: forward (mean, max, cls, last) over hidden [B, T, H] with a
+// [B, T] mask, and the fused backward that writes d hidden in one pass. The forward reads only the
+// real tokens' rows (padding is never touched) and never builds a [B, T, H] temporary.
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <ATen/ops/zeros.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <limits>
+
+#include "../pooling.h"
+
+namespace fastft {
+namespace {
+
+constexpr int64_t kFeatureBlock = 256;  // features per work item of the forward
+
+// First / last real token of each row (-1 when none); without a mask: 0 / T - 1 (-1 when T == 0).
+std::vector<int64_t> chosen_tokens(const bool* mask, int64_t B, int64_t T, PoolMode mode) {
+  std::vector<int64_t> idx(B, -1);
+  for (int64_t b = 0; b < B; ++b) {
+    if (mask == nullptr) {
+      idx[b] = T == 0 ? -1 : (mode == PoolMode::Cls ? 0 : T - 1);
+      continue;
+    }
+    const bool* row = mask + b * T;
+    if (mode == PoolMode::Cls) {
+      for (int64_t t = 0; t < T; ++t)
+        if (row[t]) { idx[b] = t; break; }
+    } else {
+      for (int64_t t = T - 1; t >= 0; --t)
+        if (row[t]) { idx[b] = t; break; }
+    }
+  }
+  return idx;
+}
+
+template <typename scalar_t>
+void pool_forward_kernel(const at::Tensor& hidden, const bool* mask, PoolMode mode, at::Tensor& out,
+                         at::Tensor& index) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t B = hidden.size(0), T = hidden.size(1), H = hidden.size(2);
+  const int64_t sB = hidden.stride(0), sT = hidden.stride(1), sH = hidden.stride(2);
+  const scalar_t* x = hidden.const_data_ptr<scalar_t>();
+  scalar_t* y = out.mutable_data_ptr<scalar_t>();  // contiguous [B, H]
+
+  if (mode == PoolMode::Cls || mode == PoolMode::Last) {
+    const auto idx = chosen_tokens(mask, B, T, mode);
+    int64_t* ip = index.mutable_data_ptr<int64_t>();
+    // A row copy is tiny: only spread rows over threads when there are many elements to copy.
+    at::parallel_for(0, B, std::max<int64_t>(1, 65536 / std::max<int64_t>(H, 1)), [&](int64_t b0, int64_t b1) {
+      for (int64_t b = b0; b < b1; ++b) {
+        ip[b] = idx[b];
+        scalar_t* yr = y + b * H;
+        if (idx[b] < 0) {
+          for (int64_t h = 0; h < H; ++h) yr[h] = scalar_t(0);
+        } else {
+          const scalar_t* xr = x + b * sB + idx[b] * sT;
+          for (int64_t h = 0; h < H; ++h) yr[h] = xr[h * sH];
+        }
+      }
+    });
+    return;
+  }
+
+  const int64_t blocks = (H + kFeatureBlock - 1) / kFeatureBlock;
+  int64_t* ip = mode == PoolMode::Max ? index.mutable_data_ptr<int64_t>() : nullptr;
+  const int64_t grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(T * std::min(H, kFeatureBlock), 1));
+  at::parallel_for(0, B * blocks, grain, [&](int64_t w0, int64_t w1) {
+    acc_t acc[kFeatureBlock];
+    int64_t arg[kFeatureBlock];
+    for (int64_t w = w0; w < w1; ++w) {
+      const int64_t b = w / blocks;
+      const int64_t h0 = (w % blocks) * kFeatureBlock;
+      const int64_t n = std::min(kFeatureBlock, H - h0);
+      const bool* row = mask == nullptr ? nullptr : mask + b * T;
+      const scalar_t* xb = x + b * sB + h0 * sH;
+      int64_t count = 0;
+      if (mode == PoolMode::Mean) {
+        for (int64_t k = 0; k < n; ++k) acc[k] = acc_t(0);
+        for (int64_t t = 0; t < T; ++t) {
+          if (row != nullptr && !row[t]) continue;
+          ++count;
+          const scalar_t* xt = xb + t * sT;
+          if (sH == 1) {
+            for (int64_t k = 0; k < n; ++k) acc[k] += static_cast<acc_t>(xt[k]);
+          } else {
+            for (int64_t k = 0; k < n; ++k) acc[k] += static_cast<acc_t>(xt[k * sH]);
+          }
+        }
+        const acc_t inv = count > 0 ? acc_t(1) / static_cast<acc_t>(count) : acc_t(0);
+        for (int64_t k = 0; k < n; ++k) y[b * H + h0 + k] = static_cast<scalar_t>(acc[k] * inv);
+      } else {  // max: first maximum on ties; a NaN wins (as torch.max); no real token -> 0, index -1
+        for (int64_t t = 0; t < T; ++t) {
+          if (row != nullptr && !row[t]) continue;
+          const scalar_t* xt = xb + t * sT;
+          if (count == 0) {
+            for (int64_t k = 0; k < n; ++k) {
+              acc[k] = static_cast<acc_t>(xt[k * sH]);
+              arg[k] = t;
+            }
+          } else {
+            for (int64_t k = 0; k < n; ++k) {
+              const acc_t v = static_cast<acc_t>(xt[k * sH]);
+              const bool take = v > acc[k] || (std::isnan(v) && !std::isnan(acc[k]));
+              acc[k] = take ? v : acc[k];
+              arg[k] = take ? t : arg[k];
+            }
+          }
+          ++count;
+        }
+        for (int64_t k = 0; k < n; ++k) {
+          y[b * H + h0 + k] = count > 0 ? static_cast<scalar_t>(acc[k]) : scalar_t(0);
+          ip[b * H + h0 + k] = count > 0 ? arg[k] : -1;
+        }
+      }
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor> masked_pool_cpu(const at::Tensor& hidden, const std::optional<at::Tensor>& mask,
+                                                   c10::string_view mode_name) {
+  const PoolMode mode = parse_pool_mode(std::string_view(mode_name.data(), mode_name.size()));
+  const at::Tensor m = check_pool_inputs(hidden, mask);
+  at::Tensor out = at::empty({hidden.size(0), hidden.size(2)}, hidden.options());
+  at::Tensor index = make_pool_index(hidden, mode);
+  const bool* mp = m.defined() ? m.const_data_ptr<bool>() : nullptr;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, hidden.scalar_type(), "fastft_masked_pool_cpu",
+                                  [&] { pool_forward_kernel<scalar_t>(hidden, mp, mode, out, index); });
+  return {out, index};
+}
+
+template <typename scalar_t>
+void pool_backward_kernel(const at::Tensor& grad, const bool* mask, const at::Tensor& index, PoolMode mode,
+                          at::Tensor& gx) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t B = gx.size(0), T = gx.size(1), H = gx.size(2);
+  const scalar_t* g = grad.const_data_ptr<scalar_t>();  // contiguous [B, H]
+  scalar_t* out = gx.mutable_data_ptr<scalar_t>();      // contiguous [B, T, H]
+  std::vector<acc_t> inv_count;
+  if (mode == PoolMode::Mean) {
+    inv_count.resize(B);
+    for (int64_t b = 0; b < B; ++b) {
+      int64_t c = T;
+      if (mask != nullptr) {
+        c = 0;
+        for (int64_t t = 0; t < T; ++t) c += mask[b * T + t];
+      }
+      inv_count[b] = c > 0 ? acc_t(1) / static_cast<acc_t>(c) : acc_t(0);
+    }
+  }
+  const int64_t* ip = index.numel() > 0 ? index.const_data_ptr<int64_t>() : nullptr;
+  // One pass over d hidden, row by row: every element is written exactly once.
+  at::parallel_for(0, B * T, std::max<int64_t>(1, 16384 / std::max<int64_t>(H, 1)), [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const int64_t b = r / T, t = r % T;
+      scalar_t* o = out + r * H;
+      const scalar_t* gb = g + b * H;
+      const bool real = mask == nullptr || mask[r];
+      if (mode == PoolMode::Mean) {
+        if (real) {
+          const acc_t s = inv_count[b];
+          for (int64_t h = 0; h < H; ++h) o[h] = static_cast<scalar_t>(static_cast<acc_t>(gb[h]) * s);
+        } else {
+          for (int64_t h = 0; h < H; ++h) o[h] = scalar_t(0);
+        }
+      } else if (mode == PoolMode::Max) {
+        const int64_t* ib = ip + b * H;
+        for (int64_t h = 0; h < H; ++h) o[h] = ib[h] == t ? gb[h] : scalar_t(0);
+      } else {
+        if (ip[b] == t) {
+          for (int64_t h = 0; h < H; ++h) o[h] = gb[h];
+        } else {
+          for (int64_t h = 0; h < H; ++h) o[h] = scalar_t(0);
+        }
+      }
+    }
+  });
+}
+
+at::Tensor masked_pool_backward_cpu(const at::Tensor& grad_, const std::optional<at::Tensor>& mask,
+                                    const at::Tensor& index, c10::string_view mode_name, int64_t T) {
+  const PoolMode mode = parse_pool_mode(std::string_view(mode_name.data(), mode_name.size()));
+  const at::Tensor m = mask.has_value() ? (mask->scalar_type() == at::kBool ? *mask : at::ne(*mask, 0)).contiguous()
+                                        : at::Tensor();
+  check_pool_backward_inputs(grad_, m, index, mode, T);
+  const at::Tensor grad = grad_.contiguous();
+  const at::Tensor idx = index.contiguous();
+  at::Tensor gx = at::empty({grad.size(0), T, grad.size(1)}, grad.options());
+  if (gx.numel() == 0) return gx;
+  const bool* mp = m.defined() ? m.const_data_ptr<bool>() : nullptr;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "fastft_masked_pool_backward_cpu",
+                                  [&] { pool_backward_kernel<scalar_t>(grad, mp, idx, mode, gx); });
+  return gx;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastft, CPU, m) {
+  m.impl("masked_pool", &masked_pool_cpu);
+  m.impl("masked_pool_backward", &masked_pool_backward_cpu);
+}
+
+}  // namespace fastft

@@ -1,0 +1,300 @@
+// CUDA kernels of masked pooling: forward (mean, max, cls, last) and the fused backward.
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/sum.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include "../pooling.h"
+
+namespace fastft {
+namespace cuda {
+namespace {
+
+constexpr int kLanes = 32;  // threadIdx.x: feature lanes
+constexpr int kWarps = 8;   // threadIdx.y: token groups (forward) / rows (backward)
+
+template <typename T, int N>
+struct alignas(sizeof(T) * N) Vec {
+  T val[N];
+};
+
+// NOTE [alignment]: a kernel instance moves VEC consecutive features per load/store. VEC > 1 is
+// launched only when the feature stride is 1, H and the token / batch strides are multiples of VEC
+// and the base pointer is aligned to VEC elements, so every vector access is aligned; otherwise VEC = 1.
+template <typename scalar_t, int VEC>
+__device__ __forceinline__ Vec<scalar_t, VEC> load_vec(const scalar_t* p, int64_t stride) {
+  Vec<scalar_t, VEC> r;
+  if constexpr (VEC == 1) {
+    r.val[0] = p[0];
+  } else {
+    r = *reinterpret_cast<const Vec<scalar_t, VEC>*>(p);
+  }
+  return r;
+}
+
+// Forward of mean and max. Block (kLanes, kWarps) covers kLanes * VEC features of one row b; warp y
+// walks tokens y, y + kWarps, ...; the warps' partial results meet in shared memory.
+template <typename scalar_t, int VEC, bool MAX>
+__global__ void __launch_bounds__(kLanes* kWarps) pool_mean_max_kernel(const scalar_t* __restrict__ x,
+                                                                        const bool* __restrict__ mask, int64_t T,
+                                                                        int64_t H, int64_t sB, int64_t sT, int64_t sH,
+                                                                        scalar_t* __restrict__ out,
+                                                                        int64_t* __restrict__ index) {
+  using acc_t = at::opmath_type<scalar_t>;
+  __shared__ acc_t s_acc[kWarps][kLanes * VEC];
+  __shared__ int64_t s_arg[MAX ? kWarps : 1][MAX ? kLanes * VEC : 1];
+  __shared__ int64_t s_count[kWarps];
+  const int64_t b = blockIdx.y;
+  const int lane = threadIdx.x, warp = threadIdx.y;
+  const int64_t h0 = static_cast<int64_t>(blockIdx.x) * kLanes * VEC + lane * VEC;
+  const bool active = h0 < H;  // with VEC > 1, H % VEC == 0: a vector is all in or all out
+  const bool* row = mask == nullptr ? nullptr : mask + b * T;
+  const scalar_t* xb = x + b * sB + h0 * sH;
+
+  acc_t acc[VEC];
+  int64_t arg[VEC];
+#pragma unroll
+  for (int k = 0; k < VEC; ++k) {
+    acc[k] = MAX ? -INFINITY : acc_t(0);
+    arg[k] = -1;
+  }
+  int64_t count = 0;
+  for (int64_t t = warp; t < T; t += kWarps) {
+    if (row != nullptr && !row[t]) continue;
+    ++count;
+    if (!active) continue;
+    const auto v = load_vec<scalar_t, VEC>(xb + t * sT, sH);
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) {
+      const acc_t e = static_cast<acc_t>(VEC == 1 ? v.val[0] : v.val[k]);
+      if constexpr (MAX) {
+        // Tokens arrive in increasing order per warp: strictly greater keeps the first maximum.
+        const bool take = arg[k] < 0 || e > acc[k] || (isnan(e) && !isnan(acc[k]));
+        acc[k] = take ? e : acc[k];
+        arg[k] = take ? t : arg[k];
+      } else {
+        acc[k] += e;
+      }
+    }
+  }
+#pragma unroll
+  for (int k = 0; k < VEC; ++k) {
+    s_acc[warp][lane * VEC + k] = acc[k];
+    if constexpr (MAX) s_arg[warp][lane * VEC + k] = arg[k];
+  }
+  if (lane == 0) s_count[warp] = count;
+  __syncthreads();
+  if (warp != 0 || !active) return;
+  int64_t total = 0;
+  for (int w = 0; w < kWarps; ++w) total += s_count[w];
+#pragma unroll
+  for (int k = 0; k < VEC; ++k) {
+    const int64_t h = h0 + k;
+    acc_t best = MAX ? -INFINITY : acc_t(0);
+    int64_t best_t = -1;
+    for (int w = 0; w < kWarps; ++w) {
+      const acc_t e = s_acc[w][lane * VEC + k];
+      if constexpr (MAX) {
+        const int64_t t = s_arg[w][lane * VEC + k];
+        if (t < 0) continue;
+        const bool take = best_t < 0 || e > best || (e == best && t < best_t) || (isnan(e) && !isnan(best)) ||
+                          (isnan(e) && isnan(best) && t < best_t);
+        best = take ? e : best;
+        best_t = take ? t : best_t;
+      } else {
+        best += e;
+      }
+    }
+    if constexpr (MAX) {
+      out[b * H + h] = best_t >= 0 ? static_cast<scalar_t>(best) : scalar_t(0);
+      index[b * H + h] = best_t;
+    } else {
+      out[b * H + h] = total > 0 ? static_cast<scalar_t>(best / static_cast<acc_t>(total)) : scalar_t(0);
+    }
+  }
+}
+
+// Forward of cls / last: the block finds the row's first / last real token, then copies it.
+template <typename scalar_t>
+__global__ void __launch_bounds__(kLanes* kWarps) pool_pick_kernel(const scalar_t* __restrict__ x,
+                                                                    const bool* __restrict__ mask, int64_t T,
+                                                                    int64_t H, int64_t sB, int64_t sT, int64_t sH,
+                                                                    bool last, scalar_t* __restrict__ out,
+                                                                    int64_t* __restrict__ index) {
+  __shared__ unsigned long long s_pick;
+  const int64_t b = blockIdx.y;
+  const int tid = threadIdx.y * kLanes + threadIdx.x;
+  constexpr int kThreads = kLanes * kWarps;
+  int64_t pick;
+  if (mask == nullptr) {
+    pick = T == 0 ? -1 : (last ? T - 1 : 0);
+  } else {
+    // Encoded so that one atomicMin finds the first real token, and the last one too (T-1-t).
+    if (tid == 0) s_pick = ~0ull;
+    __syncthreads();
+    const bool* row = mask + b * T;
+    for (int64_t i = tid; i < T; i += kThreads) {
+      const int64_t t = last ? T - 1 - i : i;
+      if (row[t]) {
+        atomicMin(&s_pick, static_cast<unsigned long long>(i));
+        break;
+      }
+    }
+    __syncthreads();
+    pick = s_pick == ~0ull ? -1 : (last ? T - 1 - static_cast<int64_t>(s_pick) : static_cast<int64_t>(s_pick));
+  }
+  if (blockIdx.x == 0 && tid == 0) index[b] = pick;
+  for (int64_t h = static_cast<int64_t>(blockIdx.x) * kThreads + tid; h < H; h += static_cast<int64_t>(gridDim.x) * kThreads)
+    out[b * H + h] = pick < 0 ? scalar_t(0) : x[b * sB + pick * sT + h * sH];
+}
+
+// Backward: block (kLanes, kWarps) writes rows (b, t) of d hidden, each warp one row at a time,
+// every element exactly once: the pooled gradient where the token was pooled, zero elsewhere.
+template <typename scalar_t, int VEC>
+__global__ void __launch_bounds__(kLanes* kWarps) pool_backward_kernel(const scalar_t* __restrict__ g,
+                                                                        const bool* __restrict__ mask,
+                                                                        const int64_t* __restrict__ counts,
+                                                                        const int64_t* __restrict__ index, int mode,
+                                                                        int64_t B, int64_t T, int64_t H,
+                                                                        scalar_t* __restrict__ gx) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t rows = B * T;
+  for (int64_t r = static_cast<int64_t>(blockIdx.x) * kWarps + threadIdx.y; r < rows;
+       r += static_cast<int64_t>(gridDim.x) * kWarps) {
+    const int64_t b = r / T, t = r % T;
+    const bool real = mask == nullptr || mask[r];
+    acc_t scale = 0;
+    bool whole_row = false;
+    if (mode == static_cast<int>(PoolMode::Mean)) {
+      const int64_t c = counts == nullptr ? T : counts[b];
+      scale = real && c > 0 ? acc_t(1) / static_cast<acc_t>(c) : acc_t(0);
+      whole_row = true;
+    } else if (mode != static_cast<int>(PoolMode::Max)) {
+      scale = index[b] == t ? acc_t(1) : acc_t(0);
+      whole_row = true;
+    }
+    const scalar_t* gb = g + b * H;
+    scalar_t* o = gx + r * H;
+    for (int64_t h = static_cast<int64_t>(threadIdx.x) * VEC; h < H; h += kLanes * VEC) {
+      const auto gv = load_vec<scalar_t, VEC>(gb + h, 1);
+      Vec<scalar_t, VEC> ov;
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) {
+        const acc_t e = static_cast<acc_t>(gv.val[k]);
+        const bool hit = whole_row ? true : index[b * H + h + k] == t;
+        ov.val[k] = static_cast<scalar_t>(whole_row ? e * scale : (hit ? e : acc_t(0)));
+      }
+      if constexpr (VEC == 1) {
+        o[h] = ov.val[0];
+      } else {
+        *reinterpret_cast<Vec<scalar_t, VEC>*>(o + h) = ov;
+      }
+    }
+  }
+}
+
+template <typename scalar_t>
+bool vector_ok(const at::Tensor& t, int vec) {
+  // The innermost stride is 1, every other stride and the size of the last dim are multiples of
+  // vec, and the data pointer is aligned to vec elements.
+  const auto d = t.dim();
+  if (t.stride(d - 1) != 1 || t.size(d - 1) % vec != 0) return false;
+  for (int64_t i = 0; i + 1 < d; ++i)
+    if (t.stride(i) % vec != 0) return false;
+  return reinterpret_cast<uintptr_t>(t.const_data_ptr<scalar_t>()) % (sizeof(scalar_t) * vec) == 0;
+}
+
+std::tuple<at::Tensor, at::Tensor> masked_pool_cuda(const at::Tensor& hidden, const std::optional<at::Tensor>& mask,
+                                                    c10::string_view mode_name) {
+  const PoolMode mode = parse_pool_mode(std::string_view(mode_name.data(), mode_name.size()));
+  c10::cuda::CUDAGuard guard(hidden.device());
+  const at::Tensor m = check_pool_inputs(hidden, mask);
+  at::Tensor out = at::empty({hidden.size(0), hidden.size(2)}, hidden.options());
+  at::Tensor index = make_pool_index(hidden, mode);
+  const int64_t B = hidden.size(0), T = hidden.size(1), H = hidden.size(2);
+  if (B == 0) return {out, index};
+  const bool* mp = m.defined() ? m.const_data_ptr<bool>() : nullptr;
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  const dim3 block(kLanes, kWarps);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, hidden.scalar_type(), "fastft_masked_pool_cuda", [&] {
+    const scalar_t* x = hidden.const_data_ptr<scalar_t>();
+    const int64_t sB = hidden.stride(0), sT = hidden.stride(1), sH = hidden.stride(2);
+    if (mode == PoolMode::Cls || mode == PoolMode::Last) {
+      const dim3 grid(static_cast<unsigned>(std::max<int64_t>(1, std::min<int64_t>((H + 255) / 256, 64))),
+                      static_cast<unsigned>(B));
+      pool_pick_kernel<scalar_t><<<grid, block, 0, stream>>>(x, mp, T, H, sB, sT, sH, mode == PoolMode::Last,
+                                                             out.mutable_data_ptr<scalar_t>(),
+                                                             index.mutable_data_ptr<int64_t>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      return;
+    }
+    if (H == 0) return;
+    int64_t* ip = mode == PoolMode::Max ? index.mutable_data_ptr<int64_t>() : nullptr;
+    auto launch = [&](auto vec_tag) {
+      constexpr int VEC = decltype(vec_tag)::value;
+      const dim3 grid(static_cast<unsigned>((H + kLanes * VEC - 1) / (kLanes * VEC)), static_cast<unsigned>(B));
+      if (mode == PoolMode::Max)
+        pool_mean_max_kernel<scalar_t, VEC, true><<<grid, block, 0, stream>>>(x, mp, T, H, sB, sT, sH,
+                                                                             out.mutable_data_ptr<scalar_t>(), ip);
+      else
+        pool_mean_max_kernel<scalar_t, VEC, false><<<grid, block, 0, stream>>>(x, mp, T, H, sB, sT, sH,
+                                                                              out.mutable_data_ptr<scalar_t>(), ip);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    };
+    constexpr int kVec = 16 / sizeof(scalar_t);
+    if (vector_ok<scalar_t>(hidden, kVec)) launch(std::integral_constant<int, kVec>{});
+    else launch(std::integral_constant<int, 1>{});
+  });
+  return {out, index};
+}
+
+at::Tensor masked_pool_backward_cuda(const at::Tensor& grad_, const std::optional<at::Tensor>& mask,
+                                     const at::Tensor& index_, c10::string_view mode_name, int64_t T) {
+  const PoolMode mode = parse_pool_mode(std::string_view(mode_name.data(), mode_name.size()));
+  c10::cuda::CUDAGuard guard(grad_.device());
+  const at::Tensor m = mask.has_value() ? (mask->scalar_type() == at::kBool ? *mask : at::ne(*mask, 0)).contiguous()
+                                        : at::Tensor();
+  check_pool_backward_inputs(grad_, m, index_, mode, T);
+  const at::Tensor grad = grad_.contiguous();
+  const at::Tensor index = index_.contiguous();
+  const int64_t B = grad.size(0), H = grad.size(1);
+  at::Tensor gx = at::empty({B, T, H}, grad.options());
+  if (gx.numel() == 0) return gx;
+  at::Tensor counts;
+  if (mode == PoolMode::Mean && m.defined()) counts = at::sum(m, {1});
+  const bool* mp = m.defined() ? m.const_data_ptr<bool>() : nullptr;
+  const int64_t* cp = counts.defined() ? counts.const_data_ptr<int64_t>() : nullptr;
+  const int64_t* ip = index.numel() > 0 ? index.const_data_ptr<int64_t>() : nullptr;
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  const dim3 block(kLanes, kWarps);
+  const int64_t rows = B * T;
+  const unsigned blocks = static_cast<unsigned>(std::min<int64_t>((rows + kWarps - 1) / kWarps, 65535 * 8));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "fastft_masked_pool_backward_cuda",
+                                  [&] {
+    constexpr int kVec = 16 / sizeof(scalar_t);
+    const scalar_t* g = grad.const_data_ptr<scalar_t>();
+    scalar_t* o = gx.mutable_data_ptr<scalar_t>();
+    if (H % kVec == 0 && reinterpret_cast<uintptr_t>(g) % 16 == 0)
+      pool_backward_kernel<scalar_t, kVec><<<blocks, block, 0, stream>>>(g, mp, cp, ip, static_cast<int>(mode), B, T,
+                                                                         H, o);
+    else
+      pool_backward_kernel<scalar_t, 1><<<blocks, block, 0, stream>>>(g, mp, cp, ip, static_cast<int>(mode), B, T, H,
+                                                                      o);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return gx;
+}
+
+}  // namespace
+}  // namespace cuda
+
+TORCH_LIBRARY_IMPL(fastft, CUDA, m) {
+  m.impl("masked_pool", &cuda::masked_pool_cuda);
+  m.impl("masked_pool_backward", &cuda::masked_pool_backward_cuda);
+}
+
+}  // namespace fastft
