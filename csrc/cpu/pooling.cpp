@@ -8,14 +8,58 @@
 #include <torch/library.h>
 
 #include <cmath>
-#include <limits>
+#include <vector>
 
 #include "../pooling.h"
 
 namespace fastft {
 namespace {
 
-constexpr int64_t kFeatureBlock = 256;  // features per work item of the forward
+// Features per work item of the forward: a row of the accumulator stays in L1/L2 while the
+// tokens of one sequence stream through it.
+constexpr int64_t kFeatureBlock = 2048;
+
+// acc[k] += x[k] / running max with first-arg-max (x contiguous), vectorised for the CPU at hand.
+template <typename scalar_t, typename acc_t>
+__attribute__((always_inline)) inline void add_row(acc_t* __restrict__ acc, const scalar_t* __restrict__ x,
+                                                   int64_t n) {
+  for (int64_t k = 0; k < n; ++k) acc[k] += static_cast<acc_t>(x[k]);
+}
+
+template <typename scalar_t, typename acc_t>
+__attribute__((always_inline)) inline void max_row(acc_t* __restrict__ best, int64_t* __restrict__ arg,
+                                                   const scalar_t* __restrict__ x, int64_t n, int64_t t) {
+  for (int64_t k = 0; k < n; ++k) {
+    const acc_t v = static_cast<acc_t>(x[k]);
+    const bool take = v > best[k] || (v != v && best[k] == best[k]);  // a NaN wins, as in torch.max
+    best[k] = take ? v : best[k];
+    arg[k] = take ? t : arg[k];
+  }
+}
+
+template <typename scalar_t, typename acc_t>
+void add_row_generic(acc_t* acc, const scalar_t* x, int64_t n) { add_row(acc, x, n); }
+template <typename scalar_t, typename acc_t>
+void max_row_generic(acc_t* best, int64_t* arg, const scalar_t* x, int64_t n, int64_t t) {
+  max_row(best, arg, x, n, t);
+}
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define FASTFT_POOL_AVX2 1
+template <typename scalar_t, typename acc_t>
+__attribute__((target("avx2,fma,f16c"))) void add_row_avx2(acc_t* acc, const scalar_t* x, int64_t n) {
+  add_row(acc, x, n);
+}
+template <typename scalar_t, typename acc_t>
+__attribute__((target("avx2,fma,f16c"))) void max_row_avx2(acc_t* best, int64_t* arg, const scalar_t* x, int64_t n,
+                                                           int64_t t) {
+  max_row(best, arg, x, n, t);
+}
+bool pool_cpu_has_avx2() {
+  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return has;
+}
+#endif
 
 // First / last real token of each row (-1 when none); without a mask: 0 / T - 1 (-1 when T == 0).
 std::vector<int64_t> chosen_tokens(const bool* mask, int64_t B, int64_t T, PoolMode mode) {
@@ -67,52 +111,61 @@ void pool_forward_kernel(const at::Tensor& hidden, const bool* mask, PoolMode mo
 
   const int64_t blocks = (H + kFeatureBlock - 1) / kFeatureBlock;
   int64_t* ip = mode == PoolMode::Max ? index.mutable_data_ptr<int64_t>() : nullptr;
+  auto add_fn = &add_row_generic<scalar_t, acc_t>;
+  auto max_fn = &max_row_generic<scalar_t, acc_t>;
+#ifdef FASTFT_POOL_AVX2
+  if (pool_cpu_has_avx2()) {
+    add_fn = &add_row_avx2<scalar_t, acc_t>;
+    max_fn = &max_row_avx2<scalar_t, acc_t>;
+  }
+#endif
   const int64_t grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(T * std::min(H, kFeatureBlock), 1));
   at::parallel_for(0, B * blocks, grain, [&](int64_t w0, int64_t w1) {
-    acc_t acc[kFeatureBlock];
-    int64_t arg[kFeatureBlock];
+    std::vector<acc_t> acc_buf(std::min(H, kFeatureBlock));
+    std::vector<int64_t> arg_buf(mode == PoolMode::Max ? acc_buf.size() : 0);
+    std::vector<scalar_t> gather(sH == 1 ? 0 : acc_buf.size());
+    acc_t* acc = acc_buf.data();
+    int64_t* arg = arg_buf.data();
     for (int64_t w = w0; w < w1; ++w) {
       const int64_t b = w / blocks;
       const int64_t h0 = (w % blocks) * kFeatureBlock;
       const int64_t n = std::min(kFeatureBlock, H - h0);
       const bool* row = mask == nullptr ? nullptr : mask + b * T;
       const scalar_t* xb = x + b * sB + h0 * sH;
+      // A strided feature dim is gathered into a contiguous row first, so one vector loop serves all.
+      auto token = [&](int64_t t) -> const scalar_t* {
+        const scalar_t* xt = xb + t * sT;
+        if (sH == 1) return xt;
+        for (int64_t k = 0; k < n; ++k) gather[k] = xt[k * sH];
+        return gather.data();
+      };
       int64_t count = 0;
+      for (int64_t k = 0; k < n; ++k) {
+        acc[k] = acc_t(0);
+        if (mode == PoolMode::Max) arg[k] = -1;
+      }
+      for (int64_t t = 0; t < T; ++t) {
+        if (row != nullptr && !row[t]) continue;
+        const scalar_t* xt = token(t);
+        if (mode == PoolMode::Mean) {
+          add_fn(acc, xt, n);
+        } else if (count == 0) {
+          for (int64_t k = 0; k < n; ++k) {
+            acc[k] = static_cast<acc_t>(xt[k]);
+            arg[k] = t;
+          }
+        } else {
+          max_fn(acc, arg, xt, n, t);
+        }
+        ++count;
+      }
+      scalar_t* yb = y + b * H + h0;
       if (mode == PoolMode::Mean) {
-        for (int64_t k = 0; k < n; ++k) acc[k] = acc_t(0);
-        for (int64_t t = 0; t < T; ++t) {
-          if (row != nullptr && !row[t]) continue;
-          ++count;
-          const scalar_t* xt = xb + t * sT;
-          if (sH == 1) {
-            for (int64_t k = 0; k < n; ++k) acc[k] += static_cast<acc_t>(xt[k]);
-          } else {
-            for (int64_t k = 0; k < n; ++k) acc[k] += static_cast<acc_t>(xt[k * sH]);
-          }
-        }
         const acc_t inv = count > 0 ? acc_t(1) / static_cast<acc_t>(count) : acc_t(0);
-        for (int64_t k = 0; k < n; ++k) y[b * H + h0 + k] = static_cast<scalar_t>(acc[k] * inv);
-      } else {  // max: first maximum on ties; a NaN wins (as torch.max); no real token -> 0, index -1
-        for (int64_t t = 0; t < T; ++t) {
-          if (row != nullptr && !row[t]) continue;
-          const scalar_t* xt = xb + t * sT;
-          if (count == 0) {
-            for (int64_t k = 0; k < n; ++k) {
-              acc[k] = static_cast<acc_t>(xt[k * sH]);
-              arg[k] = t;
-            }
-          } else {
-            for (int64_t k = 0; k < n; ++k) {
-              const acc_t v = static_cast<acc_t>(xt[k * sH]);
-              const bool take = v > acc[k] || (std::isnan(v) && !std::isnan(acc[k]));
-              acc[k] = take ? v : acc[k];
-              arg[k] = take ? t : arg[k];
-            }
-          }
-          ++count;
-        }
+        for (int64_t k = 0; k < n; ++k) yb[k] = static_cast<scalar_t>(acc[k] * inv);
+      } else {  // max: no real token -> 0, index -1
         for (int64_t k = 0; k < n; ++k) {
-          y[b * H + h0 + k] = count > 0 ? static_cast<scalar_t>(acc[k]) : scalar_t(0);
+          yb[k] = count > 0 ? static_cast<scalar_t>(acc[k]) : scalar_t(0);
           ip[b * H + h0 + k] = count > 0 ? arg[k] : -1;
         }
       }
