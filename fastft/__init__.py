@@ -11,6 +11,7 @@ from . import _ext
 from .optim import AdamW
 from .heads import ClassificationHead, ClassifierOutput, SequenceClassifier
 from .pooling import POOL_MODES, Pool, masked_mean_pool, pool
+from .train import Callback, EarlyStopping, FitResult, Trainer
 
 try:
     __version__ = _pkg_version("fastft")
@@ -19,11 +20,15 @@ except PackageNotFoundError:  # running from a source tree that was never instal
 
 __all__ = [
     "AdamW",
+    "Callback",
     "ClassificationHead",
     "ClassifierOutput",
+    "EarlyStopping",
+    "FitResult",
     "POOL_MODES",
     "Pool",
     "SequenceClassifier",
+    "Trainer",
     "build_info",
     "masked_mean_pool",
     "pool",

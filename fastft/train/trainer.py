@@ -1,0 +1,571 @@
+"""``fastft.Trainer``: full fine-tuning with validation, early stopping, metrics and resumable checkpoints."""
+
+from __future__ import annotations
+
+import inspect
+import json
+import math
+import os
+import random
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from ..optim import AdamW
+from .callbacks import Callback, EarlyStopping
+from .data import Collator, batch_order, example_length, prepare_examples
+from .metrics import check_metric_names, compute_metrics
+
+__all__ = ["Trainer", "FitResult"]
+
+PRECISIONS = ("fp32", "bf16", "fp16")
+SCHEDULES = ("linear", "cosine", "constant")
+CHECKPOINT = "checkpoint"
+
+
+@dataclass
+class FitResult:
+    """What :meth:`Trainer.fit` returns.
+
+    Attributes:
+        history: one dict per evaluation (epoch, step, train_loss, val_loss, val_<metric>, lr, seconds).
+        best_epoch: the epoch (1-based) of the best monitored value (EarlyStopping's monitor, else val_loss).
+        best_metric: that value.
+        stopped_early: True when EarlyStopping ended training before ``epochs``.
+        global_step: optimizer steps taken.
+        output_dir: the run folder (None without ``output_dir``).
+        skipped_steps: micro-batches skipped for a non-finite loss (``skip_nonfinite=True``).
+    """
+
+    history: List[Dict[str, float]] = field(default_factory=list)
+    best_epoch: Optional[int] = None
+    best_metric: Optional[float] = None
+    stopped_early: bool = False
+    global_step: int = 0
+    output_dir: Optional[str] = None
+    skipped_steps: int = 0
+
+
+def _logits_of(out: Any) -> Optional[Tensor]:
+    if isinstance(out, Tensor):
+        return out
+    logits = getattr(out, "logits", None)
+    if logits is None and isinstance(out, dict):
+        logits = out.get("logits")
+    return logits
+
+
+def _loss_of(out: Any) -> Optional[Tensor]:
+    if isinstance(out, Tensor):
+        return None
+    loss = getattr(out, "loss", None)
+    if loss is None and isinstance(out, dict):
+        loss = out.get("loss")
+    return loss
+
+
+def _num_labels_of(model: nn.Module) -> Optional[int]:
+    n = getattr(model, "num_labels", None)
+    if n is None:
+        n = getattr(getattr(model, "config", None), "num_labels", None)
+    return n if isinstance(n, int) else None
+
+
+def _to(batch: Any, device: torch.device) -> Any:
+    if isinstance(batch, dict):
+        return {k: v.to(device, non_blocking=True) if isinstance(v, Tensor) else v for k, v in batch.items()}
+    return tuple(v.to(device, non_blocking=True) if isinstance(v, Tensor) else v for v in batch)
+
+
+class Trainer:
+    """Fine-tune ``model`` on ``train_data``, validating on ``val_data``.
+
+    Data: a sequence / Dataset of ``(input, label)`` pairs (default loss: cross-entropy, MSE for
+    float labels or one output), of text pairs with ``tokenizer=``, or of dicts (a tokenized
+    ``datasets.Dataset``, lists of dicts) for Hugging Face models whose output carries ``.loss`` /
+    ``.logits``. ``loss_fn(output, batch)`` overrides the loss. Batches are padded to their longest
+    example (dynamic padding) and, by default, grouped by length.
+
+    Optimisation: :class:`fastft.AdamW` (no weight decay on biases and norm weights; L2-to-init from
+    ``l2_init``; fused clipping from ``max_grad_norm``), linear warm-up over ``warmup_ratio`` of the
+    steps then ``scheduler`` decay ("linear", "cosine", "constant"), ``gradient_accumulation``,
+    ``precision`` "fp32" / "bf16" / "fp16" (autocast; GradScaler for fp16), ``freeze=n`` (the lowest
+    n blocks and the embeddings, see :func:`fastft.freeze_layers`), ``layerwise_lr_decay``.
+
+    Validation every epoch (or every ``eval_every`` optimizer steps) with ``metrics`` from
+    scikit-learn; ``early_stopping`` stops and restores the best weights. With ``output_dir`` the run
+    folder gets ``metrics.jsonl``, an atomic resumable ``checkpoint/`` (every ``checkpoint_every``
+    steps and at each evaluation), the final ``model/`` and ``curves.png``.
+    """
+
+    def __init__(self, model: nn.Module, train_data: Any, val_data: Any = None, *, epochs: int = 3,
+                 batch_size: int = 32, lr: float = 2e-5, weight_decay: float = 0.01, l2_init: float = 0.0,
+                 l2_init_mode: str = "decoupled", freeze: Optional[int] = None,
+                 layerwise_lr_decay: Optional[float] = None, max_grad_norm: Optional[float] = 1.0,
+                 warmup_ratio: float = 0.1, scheduler: str = "linear", gradient_accumulation: int = 1,
+                 early_stopping: Optional[EarlyStopping] = None, metrics: Sequence[str] = ("accuracy",),
+                 precision: str = "fp32", output_dir: Optional[str] = None, tokenizer: Any = None,
+                 max_length: Optional[int] = None, group_by_length: bool = True, eval_every: Optional[int] = None,
+                 eval_batch_size: Optional[int] = None, loss_fn: Optional[Callable[[Any, Any], Tensor]] = None,
+                 num_labels: Optional[int] = None, callbacks: Sequence[Any] = (), seed: int = 0,
+                 skip_nonfinite: bool = False, checkpoint_every: Optional[int] = None, progress: bool = True,
+                 device: Optional[str] = None) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"fastft.Trainer: model must be an nn.Module, got {type(model).__name__}")
+        for name, value, low in (("epochs", epochs, 1), ("batch_size", batch_size, 1),
+                                 ("gradient_accumulation", gradient_accumulation, 1)):
+            if not isinstance(value, int) or value < low:
+                raise ValueError(f"fastft.Trainer: {name} must be an int >= {low}, got {value!r}")
+        for name, value in (("eval_every", eval_every), ("checkpoint_every", checkpoint_every)):
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise ValueError(f"fastft.Trainer: {name} must be None or an int >= 1, got {value!r}")
+        if precision not in PRECISIONS:
+            raise ValueError(f"fastft.Trainer: precision must be one of {PRECISIONS}, got {precision!r}")
+        if scheduler not in SCHEDULES:
+            raise ValueError(f"fastft.Trainer: scheduler must be one of {SCHEDULES}, got {scheduler!r}")
+        if not (0.0 <= warmup_ratio < 1.0):
+            raise ValueError(f"fastft.Trainer: warmup_ratio must be in [0, 1), got {warmup_ratio!r}")
+        metrics = (metrics,) if isinstance(metrics, str) else tuple(metrics)
+        check_metric_names(metrics)
+
+        self.model = model
+        self.device = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.epochs, self.batch_size, self.gradient_accumulation = epochs, batch_size, gradient_accumulation
+        self.eval_batch_size = eval_batch_size or batch_size
+        self.metrics, self.precision, self.scheduler_name = metrics, precision, scheduler
+        self.warmup_ratio, self.group_by_length, self.eval_every = warmup_ratio, group_by_length, eval_every
+        self.loss_fn, self.seed, self.skip_nonfinite = loss_fn, seed, skip_nonfinite
+        self.checkpoint_every, self.progress = checkpoint_every, progress
+        self.output_dir = Path(output_dir) if output_dir else None
+        self.early_stopping = early_stopping
+        self.callbacks: List[Any] = list(callbacks) + ([early_stopping] if early_stopping else [])
+        self.tokenizer = tokenizer
+
+        self.train_examples = prepare_examples(train_data, tokenizer, max_length, "train_data")
+        self.val_examples = prepare_examples(val_data, tokenizer, max_length, "val_data") if val_data is not None \
+            else None
+        self.num_labels = num_labels if num_labels is not None else _num_labels_of(model)
+        self._check_labels(self.train_examples, "train_data")
+        if self.val_examples is not None:
+            self._check_labels(self.val_examples, "val_data")
+        pad_id = getattr(tokenizer, "pad_token_id", None) or 0
+        self.collate = Collator(pad_token_id=pad_id)
+        self.train_lengths = [example_length(e) for e in self.train_examples]
+
+        self.freeze_plan = None
+        if freeze is not None:
+            from ..freezing import freeze_layers
+
+            self.freeze_plan = freeze_layers(model, freeze)
+        model.to(self.device)
+        if layerwise_lr_decay is not None:
+            from ..freezing import layerwise_lr_groups
+
+            groups = layerwise_lr_groups(model, lr=lr, decay=layerwise_lr_decay, weight_decay=weight_decay)
+        else:
+            decay, no_decay = [], []
+            for p in model.parameters():
+                (no_decay if p.dim() <= 1 else decay).append(p)
+            groups = [g for g in ({"params": decay, "weight_decay": weight_decay},
+                                  {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
+        self.optimizer = AdamW(groups, lr=lr, weight_decay=weight_decay, l2_init=l2_init,
+                               l2_init_mode=l2_init_mode, max_grad_norm=max_grad_norm)
+        self.steps_per_epoch = math.ceil(math.ceil(len(self.train_examples) / batch_size) / gradient_accumulation)
+        self.total_steps = self.steps_per_epoch * epochs
+        warmup = int(self.total_steps * warmup_ratio)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_lambda(warmup))
+        self.scaler = torch.amp.GradScaler(self.device.type) if precision == "fp16" else None
+        self._takes_labels = self._forward_takes_labels(model)
+
+        self.global_step = 0
+        self.history: List[Dict[str, float]] = []
+        self.should_stop = False
+        self.stopped_early = False
+        self.skipped_steps = 0
+        self._position = (0, 0)  # (epoch, next micro-batch) of the next step
+
+    # --- set-up helpers ---------------------------------------------------------------------------
+
+    def _lr_lambda(self, warmup: int) -> Callable[[int], float]:
+        total, name = self.total_steps, self.scheduler_name
+
+        def factor(step: int) -> float:
+            if step < warmup:
+                return (step + 1) / (warmup + 1)
+            if name == "constant":
+                return 1.0
+            progress = (step - warmup) / max(1, total - warmup)
+            if name == "cosine":
+                return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+            return max(0.0, 1.0 - progress)
+
+        return factor
+
+    @staticmethod
+    def _forward_takes_labels(model: nn.Module) -> bool:
+        try:
+            params = inspect.signature(model.forward).parameters
+        except (TypeError, ValueError):
+            return True
+        return "labels" in params or any(p.kind == p.VAR_KEYWORD for p in params.values())
+
+    def _check_labels(self, examples: List[Any], what: str) -> None:
+        for i, e in enumerate(examples):
+            y = e.get("labels") if isinstance(e, dict) else e[1]
+            if y is None or isinstance(y, (list, tuple)):
+                continue
+            if isinstance(y, Tensor):
+                if y.numel() != 1:
+                    continue  # sequence labels (token classification / LM): the model's own loss checks them
+                y = y.item()
+            if isinstance(y, float) or self.num_labels in (None, 1):
+                continue
+            if not (0 <= int(y) < self.num_labels):
+                raise ValueError(f"fastft.Trainer: {what}[{i}] has label {y}, outside [0, {self.num_labels}) "
+                                 f"(num_labels={self.num_labels})")
+
+    # --- one batch --------------------------------------------------------------------------------
+
+    def _autocast(self):
+        if self.precision == "fp32":
+            return torch.autocast(self.device.type, enabled=False)
+        dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
+        return torch.autocast(self.device.type, dtype=dtype)
+
+    def _forward(self, batch: Any) -> Tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
+        batch = _to(batch, self.device)
+        with self._autocast():
+            if isinstance(batch, dict):
+                labels = batch.get("labels")
+                inputs = batch if self._takes_labels else {k: v for k, v in batch.items() if k != "labels"}
+                out = self.model(**inputs)
+            else:
+                x, labels = batch
+                out = self.model(x)
+        logits = _logits_of(out)
+        if self.loss_fn is not None:
+            loss = self.loss_fn(out, batch)
+        else:
+            loss = _loss_of(out)
+            if loss is None:
+                if logits is None:
+                    raise TypeError("fastft.Trainer: the model's output has neither a loss nor logits "
+                                    f"({type(out).__name__}); return them or pass loss_fn=...")
+                if labels is None:
+                    raise ValueError("fastft.Trainer: the batch has no labels and the model returns no loss")
+                if labels.dtype.is_floating_point or logits.shape[-1] == 1:
+                    loss = nn.functional.mse_loss(logits.float().squeeze(-1), labels.float())
+                else:
+                    loss = nn.functional.cross_entropy(logits.float(), labels)
+        return loss.float(), logits, labels
+
+    # --- evaluation -------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def evaluate(self, data: Any = None) -> Dict[str, float]:
+        """Loss and metrics on ``data`` (default: the validation data): ``{"loss": ..., "accuracy": ...}``."""
+        examples = self.val_examples if data is None else prepare_examples(data, self.tokenizer, None, "data")
+        if examples is None:
+            raise ValueError("fastft.Trainer.evaluate: no data given and no val_data")
+        was_training = self.model.training
+        self.model.eval()
+        total, count, all_logits, all_labels = 0.0, 0, [], []
+        lengths = [example_length(e) for e in examples]
+        order = sorted(range(len(examples)), key=lambda i: lengths[i])  # little padding; order does not matter
+        for i in range(0, len(order), self.eval_batch_size):
+            idx = order[i:i + self.eval_batch_size]
+            loss, logits, labels = self._forward(self.collate([examples[j] for j in idx]))
+            total += float(loss) * len(idx)
+            count += len(idx)
+            if logits is not None and labels is not None and logits.dim() == 2:
+                all_logits.append(logits.float().cpu())
+                all_labels.append(labels.cpu())
+        self.model.train(was_training)
+        loss = total / count
+        result = {"loss": loss}
+        if all_logits:
+            result.update(compute_metrics(self.metrics, torch.cat(all_logits), torch.cat(all_labels), loss))
+        elif "perplexity" in self.metrics:
+            result.update(compute_metrics(("perplexity",), None, None, loss))
+        return result
+
+    def predict(self, data: Any) -> Tensor:
+        """Logits for every example of ``data``, in order."""
+        examples = prepare_examples(data, self.tokenizer, None, "data")
+        was_training = self.model.training
+        self.model.eval()
+        out = []
+        with torch.no_grad():
+            for i in range(0, len(examples), self.eval_batch_size):
+                batch = _to(self.collate(examples[i:i + self.eval_batch_size]), self.device)
+                with self._autocast():
+                    if isinstance(batch, dict):
+                        res = self.model(**{k: v for k, v in batch.items() if k != "labels"})
+                    else:
+                        res = self.model(batch[0])
+                out.append(_logits_of(res).float().cpu())
+        self.model.train(was_training)
+        return torch.cat(out)
+
+    # --- training ---------------------------------------------------------------------------------
+
+    def fit(self) -> FitResult:
+        """Train for ``epochs`` (or until early stopping); returns a :class:`FitResult`."""
+        torch.manual_seed(self.seed)
+        random.seed(self.seed)
+        np.random.seed(self.seed)
+        return self._train()
+
+    def resume(self, checkpoint_dir: Optional[str] = None) -> FitResult:
+        """Continue a run from its checkpoint (default: ``output_dir/checkpoint``): model, optimizer
+        (anchors included), scheduler, scaler, callbacks, RNG states and data position are restored,
+        so on CPU the run ends bit-identical to an uninterrupted one. Build this Trainer with the
+        same arguments as the interrupted one."""
+        path = self._readable_checkpoint(Path(checkpoint_dir) if checkpoint_dir else None)
+        self._load_checkpoint(path)
+        return self._train()
+
+    def _epoch_batches(self, epoch: int) -> List[List[int]]:
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        return batch_order(self.train_lengths, self.batch_size, g, shuffle=True, group_by_length=self.group_by_length)
+
+    def _call(self, hook: str, *args) -> None:
+        for cb in self.callbacks:
+            fn = getattr(cb, hook, None)
+            if fn is not None:
+                fn(self, *args)
+
+    def _train(self) -> FitResult:
+        from tqdm.auto import tqdm
+
+        self.model.train()
+        if self.output_dir:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+        self.should_stop = False
+        self._call("on_fit_start")
+        start_epoch, start_batch = self._position
+        bar = tqdm(total=self.total_steps, initial=self.global_step, disable=not self.progress, desc="fine-tuning",
+                   dynamic_ncols=True)
+        run_loss, run_count, t0, seen = 0.0, 0, time.perf_counter(), 0
+        for epoch in range(start_epoch, self.epochs):
+            batches = self._epoch_batches(epoch)
+            first = start_batch if epoch == start_epoch else 0
+            if first == 0:
+                self._call("on_epoch_start", epoch)
+            micro = first
+            while micro < len(batches) and not self.should_stop:
+                group = batches[micro:micro + self.gradient_accumulation]
+                n_examples = sum(len(b) for b in group)
+                step_loss, ok = 0.0, True
+                for b in group:
+                    loss, _, _ = self._forward(self.collate([self.train_examples[i] for i in b]))
+                    if not torch.isfinite(loss):
+                        if not self.skip_nonfinite:
+                            self.optimizer.zero_grad(set_to_none=True)
+                            raise FloatingPointError(
+                                f"fastft.Trainer: non-finite loss ({float(loss.detach())}) at optimizer step "
+                                f"{self.global_step + 1} (epoch {epoch + 1}, batch {micro + 1}); nothing was "
+                                "updated or saved for this step. Lower the lr, use fp32/bf16, or pass "
+                                "skip_nonfinite=True to skip such batches")
+                        self.skipped_steps += 1
+                        ok = False
+                        break
+                    scaled = loss * (len(b) / n_examples)
+                    (self.scaler.scale(scaled) if self.scaler else scaled).backward()
+                    step_loss += float(loss.detach()) * len(b) / n_examples
+                micro += len(group)
+                if not ok:
+                    self.optimizer.zero_grad(set_to_none=True)
+                    continue
+                if self.scaler is not None:
+                    self.scaler.step(self.optimizer)
+                    self.scaler.update()
+                else:
+                    self.optimizer.step()
+                self.scheduler.step()
+                self.optimizer.zero_grad(set_to_none=True)
+                self.global_step += 1
+                self._position = (epoch, micro) if micro < len(batches) else (epoch + 1, 0)
+                run_loss += step_loss
+                run_count += 1
+                seen += n_examples
+                bar.update(1)
+                bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{self.scheduler.get_last_lr()[0]:.2e}",
+                                ex_s=f"{seen / (time.perf_counter() - t0):.1f}")
+                self._call("on_step_end", self.global_step, step_loss)
+                if self.eval_every and self.global_step % self.eval_every == 0 and self.val_examples is not None:
+                    self._evaluate_and_record(epoch, run_loss / max(run_count, 1))
+                    run_loss, run_count = 0.0, 0
+                elif self.checkpoint_every and self.global_step % self.checkpoint_every == 0:
+                    self._save_checkpoint()
+            if self.should_stop:
+                break
+            self._call("on_epoch_end", epoch)
+            if not self.eval_every:
+                if self.val_examples is not None:
+                    self._evaluate_and_record(epoch, run_loss / max(run_count, 1))
+                else:
+                    self._record({"epoch": epoch + 1, "step": self.global_step,
+                                  "train_loss": run_loss / max(run_count, 1)})
+                    self._save_checkpoint()
+                run_loss, run_count = 0.0, 0
+            if self.should_stop:
+                break
+        bar.close()
+        self._call("on_fit_end")
+        return self._finish()
+
+    def _record(self, record: Dict[str, float]) -> None:
+        self.history.append(record)
+        if self.output_dir:
+            with open(self.output_dir / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def _evaluate_and_record(self, epoch: int, train_loss: float) -> None:
+        res = self.evaluate()
+        record = {"epoch": epoch + 1, "step": self.global_step, "train_loss": train_loss,
+                  **{f"val_{k}": v for k, v in res.items()}, "lr": self.scheduler.get_last_lr()[0]}
+        self._record(record)
+        self._call("on_evaluate", record)
+        if self.progress:
+            shown = ", ".join(f"{k} {v:.4f}" for k, v in record.items() if k.startswith("val_"))
+            print(f"epoch {epoch + 1} step {self.global_step}: train_loss {train_loss:.4f}, {shown}", flush=True)
+        self._save_checkpoint()
+
+    def _finish(self) -> FitResult:
+        best_epoch = best = None
+        if self.early_stopping is not None and self.early_stopping.best is not None:
+            best_epoch, best = self.early_stopping.best_epoch, self.early_stopping.best
+        else:
+            vals = [r for r in self.history if "val_loss" in r]
+            if vals:
+                top = min(vals, key=lambda r: r["val_loss"])
+                best_epoch, best = top["epoch"], top["val_loss"]
+        if self.output_dir:
+            self._save_model(self.output_dir / "model")
+            self._plot()
+        return FitResult(history=list(self.history), best_epoch=best_epoch, best_metric=best,
+                         stopped_early=self.stopped_early, global_step=self.global_step,
+                         output_dir=str(self.output_dir) if self.output_dir else None,
+                         skipped_steps=self.skipped_steps)
+
+    # --- files ------------------------------------------------------------------------------------
+
+    def _save_model(self, path: Path) -> None:
+        from safetensors.torch import save_model
+
+        tmp = path.with_name(f".{path.name}.tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        if hasattr(self.model, "save_pretrained"):
+            self.model.save_pretrained(tmp)
+        else:
+            save_model(self.model, str(tmp / "model.safetensors"))
+        _swap_in(tmp, path)
+
+    def _save_checkpoint(self) -> None:
+        """Write ``output_dir/checkpoint`` atomically: a temporary folder, then renames, so a run
+        killed while saving leaves the previous checkpoint readable (``checkpoint`` or ``checkpoint.old``)."""
+        if not self.output_dir:
+            return
+        from safetensors.torch import save_model
+
+        tmp = self.output_dir / f".{CHECKPOINT}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        save_model(self.model, str(tmp / "model.safetensors"))
+        torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                    "scaler": self.scaler.state_dict() if self.scaler else None,
+                    "callbacks": [{"type": type(cb).__qualname__, "state": cb.state_dict()}
+                                  for cb in self.callbacks if hasattr(cb, "state_dict")],
+                    "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
+                            "numpy": np.random.get_state(),
+                            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}},
+                   tmp / "state.pt")
+        state = {"global_step": self.global_step, "position": list(self._position), "history": self.history,
+                 "skipped_steps": self.skipped_steps, "stopped_early": self.stopped_early,
+                 "freeze_boundary": getattr(self.freeze_plan, "boundary", None)}
+        (tmp / "trainer_state.json").write_text(json.dumps(state))  # written last: marks a complete checkpoint
+        _swap_in(tmp, self.output_dir / CHECKPOINT)
+
+    def _readable_checkpoint(self, path: Optional[Path]) -> Path:
+        if path is None:
+            if not self.output_dir:
+                raise ValueError("fastft.Trainer.resume: pass the checkpoint folder or build the Trainer with output_dir")
+            path = self.output_dir / CHECKPOINT
+        for candidate in (path, path.with_name(path.name + ".old")):
+            if (candidate / "trainer_state.json").is_file():
+                return candidate
+        raise FileNotFoundError(f"fastft.Trainer.resume: no complete checkpoint in {path}")
+
+    def _load_checkpoint(self, path: Path) -> None:
+        from safetensors.torch import load_model
+
+        state = json.loads((path / "trainer_state.json").read_text())
+        blobs = torch.load(path / "state.pt", map_location="cpu", weights_only=False)
+        if self.freeze_plan is not None and state.get("freeze_boundary") is not None:
+            self.freeze_plan.set_boundary(state["freeze_boundary"])
+        load_model(self.model, str(path / "model.safetensors"), device=str(self.device))
+        self.optimizer.load_state_dict(blobs["optimizer"])
+        self.scheduler.load_state_dict(blobs["scheduler"])
+        if self.scaler is not None and blobs["scaler"] is not None:
+            self.scaler.load_state_dict(blobs["scaler"])
+        saved = list(blobs["callbacks"])  # matched by type, in order: callbacks may be added or dropped
+        for cb in self.callbacks:
+            match = next((s for s in saved if s["type"] == type(cb).__qualname__), None)
+            if match is not None and hasattr(cb, "load_state_dict"):
+                saved.remove(match)
+                cb.load_state_dict(match["state"])
+        rng = blobs["rng"]
+        torch.set_rng_state(rng["torch"])
+        random.setstate(rng["python"])
+        np.random.set_state(rng["numpy"])
+        if rng["cuda"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
+        self.global_step = state["global_step"]
+        self._position = tuple(state["position"])
+        self.history = state["history"]
+        self.skipped_steps = state["skipped_steps"]
+        self.stopped_early = state["stopped_early"]
+
+    def _plot(self) -> None:
+        try:
+            import matplotlib
+
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+        except ImportError:
+            return
+        rows = [r for r in self.history if "val_loss" in r or "train_loss" in r]
+        if not rows:
+            return
+        fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+        x = [r["step"] for r in rows]
+        ax1.plot(x, [r.get("train_loss") for r in rows], marker="o", label="train loss")
+        if any("val_loss" in r for r in rows):
+            ax1.plot(x, [r.get("val_loss") for r in rows], marker="o", label="val loss")
+        ax1.set_xlabel("optimizer step")
+        ax1.set_ylabel("loss")
+        ax1.legend()
+        for key in sorted({k for r in rows for k in r if k.startswith("val_") and k != "val_loss"}):
+            ax2.plot(x, [r.get(key) for r in rows], marker="o", label=key)
+        ax2.set_xlabel("optimizer step")
+        ax2.legend()
+        fig.tight_layout()
+        fig.savefig(self.output_dir / "curves.png", dpi=100)
+        plt.close(fig)
+
+
+def _swap_in(tmp: Path, target: Path) -> None:
+    old = target.with_name(target.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    if target.exists():
+        os.replace(target, old)
+    os.replace(tmp, target)
+    shutil.rmtree(old, ignore_errors=True)
