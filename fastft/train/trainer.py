@@ -189,6 +189,9 @@ class Trainer:
         self.stopped_early = False
         self.skipped_steps = 0
         self._position = (0, 0)  # (epoch, next micro-batch) of the next step
+        #: Seconds spent in each part of the training steps so far (host clock; on CUDA the
+        #: asynchronous kernels show up where the host waits for them).
+        self.timings: Dict[str, float] = {"data": 0.0, "forward": 0.0, "backward": 0.0, "optimizer": 0.0}
 
     # --- set-up helpers ---------------------------------------------------------------------------
 
@@ -364,7 +367,13 @@ class Trainer:
                 n_examples = sum(len(b) for b in group)
                 step_loss, ok = 0.0, True
                 for b in group:
-                    loss, _, _ = self._forward(self.collate([self.train_examples[i] for i in b]))
+                    t_data = time.perf_counter()
+                    batch = self.collate([self.train_examples[i] for i in b])
+                    t_fwd = time.perf_counter()
+                    loss, _, _ = self._forward(batch)
+                    t_bwd = time.perf_counter()
+                    self.timings["data"] += t_fwd - t_data
+                    self.timings["forward"] += t_bwd - t_fwd
                     if not torch.isfinite(loss):
                         if not self.skip_nonfinite:
                             self.optimizer.zero_grad(set_to_none=True)
@@ -378,11 +387,13 @@ class Trainer:
                         break
                     scaled = loss * (len(b) / n_examples)
                     (self.scaler.scale(scaled) if self.scaler else scaled).backward()
+                    self.timings["backward"] += time.perf_counter() - t_bwd
                     step_loss += float(loss.detach()) * len(b) / n_examples
                 micro += len(group)
                 if not ok:
                     self.optimizer.zero_grad(set_to_none=True)
                     continue
+                t_opt = time.perf_counter()
                 if self.scaler is not None:
                     self.scaler.step(self.optimizer)
                     self.scaler.update()
@@ -390,6 +401,7 @@ class Trainer:
                     self.optimizer.step()
                 self.scheduler.step()
                 self.optimizer.zero_grad(set_to_none=True)
+                self.timings["optimizer"] += time.perf_counter() - t_opt
                 self.global_step += 1
                 self._position = (epoch, micro) if micro < len(batches) else (epoch + 1, 0)
                 run_loss += step_loss
