@@ -9,6 +9,14 @@ from importlib.metadata import PackageNotFoundError, version as _pkg_version
 
 from . import _ext
 from .optim import AdamW
+from .freezing import (
+    FreezePlan,
+    GradualUnfreezing,
+    RequiresGradAttributeError,
+    find_layers,
+    freeze_layers,
+    layerwise_lr_groups,
+)
 from .heads import ClassificationHead, ClassifierOutput, SequenceClassifier
 from .pooling import POOL_MODES, Pool, masked_mean_pool, pool
 from .train import Callback, EarlyStopping, FitResult, Trainer
@@ -25,11 +33,17 @@ __all__ = [
     "ClassifierOutput",
     "EarlyStopping",
     "FitResult",
+    "FreezePlan",
+    "GradualUnfreezing",
     "POOL_MODES",
     "Pool",
+    "RequiresGradAttributeError",
     "SequenceClassifier",
     "Trainer",
     "build_info",
+    "find_layers",
+    "freeze_layers",
+    "layerwise_lr_groups",
     "masked_mean_pool",
     "pool",
     "__version__",

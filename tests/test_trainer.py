@@ -281,3 +281,30 @@ output_dir: {tmp_path / 'run'}
     res = subprocess.run([sys.executable, "-m", "fastft", "finetune", str(bad)], capture_output=True, text=True,
                          cwd=ROOT, timeout=300)
     assert res.returncode != 0 and "bogus" in res.stderr
+
+
+def test_freeze_and_gradual_unfreezing_with_the_same_optimizer(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=3, num_attention_heads=2,
+                                     intermediate_size=32, max_position_embeddings=64, num_labels=2,
+                                     hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    model = transformers.BertForSequenceClassification(config)
+    pretrained = {n: p.detach().clone() for n, p in model.named_parameters()}
+    g = torch.Generator().manual_seed(0)
+    data = [{"input_ids": torch.randint(5, 50, (10,), generator=g).tolist(), "labels": i % 2} for i in range(32)]
+    trainer = fastft.Trainer(model, data, epochs=3, batch_size=8, lr=1e-3, freeze=3, l2_init=0.01, progress=False,
+                             output_dir=str(tmp_path))
+    unfreeze = fastft.GradualUnfreezing(trainer.freeze_plan, every=1)
+    trainer.callbacks.append(unfreeze)
+    opt = trainer.optimizer
+    trainer.fit()
+    assert trainer.optimizer is opt and trainer.freeze_plan.boundary == 0
+    params = dict(model.named_parameters())
+    low = params["bert.encoder.layer.0.attention.self.query.weight"]
+    top = params["bert.encoder.layer.2.attention.self.query.weight"]
+    emb = params["bert.embeddings.word_embeddings.weight"]
+    # the top block unfroze after epoch 1 and trained two epochs; the lowest unfroze last, after training ended
+    assert float(opt.state[top]["step"]) == 8 and low not in opt.state and emb not in opt.state
+    assert torch.equal(opt.state[top]["anchor"], pretrained["bert.encoder.layer.2.attention.self.query.weight"])
+    assert torch.equal(emb, pretrained["bert.embeddings.word_embeddings.weight"])

@@ -502,7 +502,8 @@ class Trainer:
                    tmp / "state.pt")
         state = {"global_step": self.global_step, "position": list(self._position), "history": self.history,
                  "skipped_steps": self.skipped_steps, "stopped_early": self.stopped_early,
-                 "freeze_boundary": getattr(self.freeze_plan, "boundary", None)}
+                 "freeze_boundary": getattr(self.freeze_plan, "boundary", None),
+                 "embeddings_frozen": getattr(self.freeze_plan, "embeddings_frozen", None)}
         (tmp / "trainer_state.json").write_text(json.dumps(state))  # written last: marks a complete checkpoint
         _swap_in(tmp, self.output_dir / CHECKPOINT)
 
@@ -522,7 +523,10 @@ class Trainer:
         state = json.loads((path / "trainer_state.json").read_text())
         blobs = torch.load(path / "state.pt", map_location="cpu", weights_only=False)
         if self.freeze_plan is not None and state.get("freeze_boundary") is not None:
-            self.freeze_plan.set_boundary(state["freeze_boundary"])
+            if state["freeze_boundary"] == 0 and not state.get("embeddings_frozen", True):
+                self.freeze_plan.unfreeze_all()  # gradual unfreezing had thawed everything
+            else:
+                self.freeze_plan.set_boundary(state["freeze_boundary"])
         load_model(self.model, str(path / "model.safetensors"), device=str(self.device))
         self.optimizer.load_state_dict(blobs["optimizer"])
         self.scheduler.load_state_dict(blobs["scheduler"])
@@ -565,10 +569,12 @@ class Trainer:
         ax1.set_xlabel("optimizer step")
         ax1.set_ylabel("loss")
         ax1.legend()
-        for key in sorted({k for r in rows for k in r if k.startswith("val_") and k != "val_loss"}):
+        metric_keys = sorted({k for r in rows for k in r if k.startswith("val_") and k != "val_loss"})
+        for key in metric_keys:
             ax2.plot(x, [r.get(key) for r in rows], marker="o", label=key)
         ax2.set_xlabel("optimizer step")
-        ax2.legend()
+        if metric_keys:
+            ax2.legend()
         fig.tight_layout()
         fig.savefig(self.output_dir / "curves.png", dpi=100)
         plt.close(fig)
