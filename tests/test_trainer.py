@@ -308,3 +308,27 @@ def test_freeze_and_gradual_unfreezing_with_the_same_optimizer(tmp_path):
     assert float(opt.state[top]["step"]) == 8 and low not in opt.state and emb not in opt.state
     assert torch.equal(opt.state[top]["anchor"], pretrained["bert.encoder.layer.2.attention.self.query.weight"])
     assert torch.equal(emb, pretrained["bert.embeddings.word_embeddings.weight"])
+
+
+def test_text_metrics_and_callable_metrics():
+    from fastft.train import metrics as M
+
+    assert M.exact_match(["The Eiffel tower!", "Paris"], ["eiffel tower", "London"]) == 0.5
+    assert M.token_f1(["the big red dog"], ["red dog"]) == pytest.approx(2 * (2 / 3) * 1 / (2 / 3 + 1))
+    with pytest.raises(ValueError, match="as many"):
+        M.exact_match(["a"], ["a", "b"])
+    try:
+        import sacrebleu  # noqa: F401
+    except ImportError:
+        sacrebleu = None
+    if sacrebleu is not None:
+        assert M.bleu(["the cat sat on the mat"], ["the cat sat on the mat"]) == pytest.approx(100.0)
+    data = blobs(64)
+
+    def positive_rate(logits, labels):
+        return {"positive_rate": float((logits.argmax(-1) == 1).float().mean())}
+
+    trainer = fastft.Trainer(mlp(), data[:48], data[48:], epochs=1, metrics=("accuracy", positive_rate),
+                             progress=False)
+    record = trainer.fit().history[-1]
+    assert 0.0 <= record["val_positive_rate"] <= 1.0 and "val_accuracy" in record

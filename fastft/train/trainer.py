@@ -438,6 +438,23 @@ class Trainer:
         if self.output_dir:
             with open(self.output_dir / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(record) + "\n")
+            writer = self._tensorboard()
+            if writer is not None:
+                for k, v in record.items():
+                    if k not in ("epoch", "step") and isinstance(v, (int, float)):
+                        writer.add_scalar(k, v, record["step"])
+                writer.flush()
+
+    def _tensorboard(self):
+        """A SummaryWriter into output_dir/tensorboard when TensorBoard is installed, else None."""
+        if not hasattr(self, "_tb_writer"):
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self._tb_writer = SummaryWriter(str(self.output_dir / "tensorboard"))
+            except ImportError:
+                self._tb_writer = None
+        return self._tb_writer
 
     def _evaluate_and_record(self, epoch: int, train_loss: float) -> None:
         res = self.evaluate()
@@ -462,6 +479,9 @@ class Trainer:
         if self.output_dir:
             self._save_model(self.output_dir / "model")
             self._plot()
+            if getattr(self, "_tb_writer", None) is not None:
+                self._tb_writer.close()
+                del self._tb_writer
         return FitResult(history=list(self.history), best_epoch=best_epoch, best_metric=best,
                          stopped_early=self.stopped_early, global_step=self.global_step,
                          output_dir=str(self.output_dir) if self.output_dir else None,
