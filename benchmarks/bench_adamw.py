@@ -20,12 +20,8 @@ bandwidth) and writes long-form CSV + JSON to benchmarks/results/.
 from __future__ import annotations
 
 import argparse
-import csv
-import json
-import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -33,6 +29,7 @@ from pathlib import Path
 import torch
 
 import fastft
+from _common import git_commit, timer, write_results
 
 LR, L2, MAX_NORM = 2e-5, 0.01, 1.0
 
@@ -53,37 +50,6 @@ SIZES = {
     "350M": dict(vocab=50265, hidden=1024, layers=24, ffn=4096, positions=1024),  # BERT/RoBERTa-large
     "1.3B": dict(vocab=50257, hidden=2048, layers=24, ffn=8192, positions=2048),  # GPT-3 XL shapes
 }
-
-
-def git_commit() -> str:
-    try:
-        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).parent,
-                                       text=True, stderr=subprocess.DEVNULL).strip()
-    except Exception:
-        return "unknown"
-
-
-def timer(device: torch.device):
-    if device.type == "cuda":
-        def measure(fn, reps):
-            times = []
-            for _ in range(reps):
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                fn()
-                end.record()
-                end.synchronize()
-                times.append(start.elapsed_time(end))
-            return times
-    else:
-        def measure(fn, reps):
-            times = []
-            for _ in range(reps):
-                t0 = time.perf_counter()
-                fn()
-                times.append((time.perf_counter() - t0) * 1e3)
-            return times
-    return measure
 
 
 def bench_size(name: str, device: torch.device, dtype: torch.dtype, reps: int, warmup: int) -> list:
@@ -207,16 +173,7 @@ def main(argv=None) -> int:
               f"{ratio:>9} {r['fraction_of_copy_bw']:9.0%}")
     print("ratios: fastft_l2_0 vs torch_fused; fastft_l2 vs torch_fused_l2; fastft_l2_clip vs torch_clip_fused_l2")
 
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    stem = out / f"bench_adamw_{device.type}"
-    with open(f"{stem}.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
-    with open(f"{stem}.json", "w") as f:
-        json.dump(dict(meta=meta, rows=rows), f, indent=1)
-    print(f"wrote {stem}.csv and {stem}.json")
+    write_results(Path(args.out) / f"bench_adamw_{device.type}", rows, meta)
     return 0
 
 

@@ -51,6 +51,7 @@ from torch import nn  # noqa: E402
 
 import fastft  # noqa: E402
 from fastft.freezing import find_layers, freeze_layers, layerwise_lr_groups  # noqa: E402
+from _common import git_commit  # noqa: E402
 
 BATCH, SEQ, LR, DECAY, WD, L2 = 32, 128, 2e-5, 0.9, 0.01, 0.01
 VARIANTS = ["full", "freeze_0", "freeze_2", "freeze_4", "freeze_6", "naive_2", "naive_4", "naive_6"]
@@ -157,15 +158,6 @@ def measure_memory(variant: str) -> dict:
     return dict(rss_method=how, saved_mb=saved[0] / 2**20, grads_mb=grads / 2**20, state_mb=state / 2**20,
                 rss_peak_mb=rss_peak, rss_delta_mb=rss_peak - rss_start,
                 trainable_params=sum(p.numel() for p in model.parameters() if p.requires_grad))
-
-
-def git_commit() -> str:
-    """The short commit hash, with "-dirty" when the working tree has uncommitted changes."""
-    try:
-        return subprocess.check_output(["git", "describe", "--always", "--dirty", "--abbrev=7"],
-                                       cwd=Path(__file__).parent, text=True, stderr=subprocess.DEVNULL).strip()
-    except Exception:
-        return "unknown"
 
 
 def main(argv=None) -> int:

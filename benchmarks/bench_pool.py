@@ -16,8 +16,6 @@ benchmarks/results/.
 from __future__ import annotations
 
 import argparse
-import csv
-import json
 import platform
 import statistics
 import time
@@ -26,7 +24,7 @@ from pathlib import Path
 import torch
 
 import fastft
-from bench_adamw import git_commit, timer
+from _common import git_commit, timer, write_results
 
 
 def torch_forms(mode):
@@ -138,16 +136,7 @@ def main(argv=None) -> int:
         bw = f"{r['fwd_of_copy_bw']:.0%} / {r['bwd_of_copy_bw']:.0%}" if r["variant"] == "fastft" else ""
         print(f"{r['shape']:>12} {r['dtype']:>8} {r['mode']:>4} {r['variant']:<17} {r['fwd_ms']:8.3f} "
               f"{r['bwd_ms']:8.3f} {r['fwd_bwd_ms']:8.3f} {sp:>30} {bw:>19}")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    stem = out / f"bench_pool_{device.type}"
-    with open(f"{stem}.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
-    with open(f"{stem}.json", "w") as f:
-        json.dump(dict(meta=meta, rows=rows), f, indent=1)
-    print(f"wrote {stem}.csv and {stem}.json")
+    write_results(Path(args.out) / f"bench_pool_{device.type}", rows, meta)
     return 0
 
 

@@ -15,7 +15,6 @@ benchmarks/results/bench_trainer_<device>.csv/.json.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
 import platform
@@ -52,7 +51,6 @@ def demo_train(n):
 
 
 def worker(trainer_name: str, mode: str, steps: int, n_examples: int) -> dict:
-    import torch
 
     model, tok = build()
     texts = demo_train(n_examples)
@@ -89,7 +87,8 @@ def worker(trainer_name: str, mode: str, steps: int, n_examples: int) -> dict:
             optim="adamw_torch_fused", report_to=[], use_cpu=True, save_strategy="no", disable_tqdm=True,
             logging_strategy="no", max_steps=steps if fixed else -1, dataloader_num_workers=0)
         collator = transformers.DataCollatorWithPadding(tok)
-        trainer = transformers.Trainer(model=model, args=args, train_dataset=rows, data_collator=collator)
+        trainer = transformers.Trainer(model=model, args=args, train_dataset=rows, data_collator=collator,
+                                       callbacks=[Clock()])
         start = time.perf_counter()
         trainer.train()
         total = time.perf_counter() - start
@@ -114,7 +113,7 @@ def main(argv=None) -> int:
 
     import torch
 
-    from bench_adamw import git_commit
+    from _common import git_commit, write_results
 
     rows = []
     for mode in ("equal", "defaults"):
@@ -145,15 +144,8 @@ def main(argv=None) -> int:
               f"{r['peak_rss_mb']:11.0f}  {where}")
     print(f"equal shapes: fastft per step {eq_ratio:.2f}x transformers (target >= 1.0x); "
           f"one epoch with defaults: {ep_ratio:.2f}x (target >= 1.5x)")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    with open(out / "bench_trainer_cpu.csv", "w", newline="") as f:
-        keys = sorted({k for r in rows for k in r})
-        w = csv.DictWriter(f, fieldnames=keys)
-        w.writeheader()
-        w.writerows(rows)
-    (out / "bench_trainer_cpu.json").write_text(json.dumps(dict(meta=meta, rows=rows, equal_shape_speedup=eq_ratio,
-                                                                epoch_speedup=ep_ratio), indent=1))
+    write_results(Path(args.out) / "bench_trainer_cpu", rows, meta, equal_shape_speedup=eq_ratio,
+                  epoch_speedup=ep_ratio)
     return 0
 
 

@@ -8,7 +8,6 @@ import tempfile
 from pathlib import Path
 from typing import Any, Dict, Optional, Union
 
-import torch
 from torch import Tensor, nn
 
 from .pooling import POOL_MODES, Pool

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from ..optim import AdamW
-from .callbacks import Callback, EarlyStopping
+from .callbacks import EarlyStopping
 from .data import Collator, batch_order, example_length, prepare_examples
 from .metrics import check_metric_names, compute_metrics
 
