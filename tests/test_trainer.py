@@ -107,7 +107,7 @@ def test_resume_is_bit_identical(tmp_path, accumulation):
     full_result = full.fit()
 
     crashing = fastft.Trainer(mlp(), data[:160], data[160:], output_dir=str(tmp_path / "b"),
-                              callbacks=[CrashAt(11)], **kwargs)
+                              callbacks=[CrashAt(15)], **kwargs)  # the last checkpoint (step 14) is mid-epoch
     with pytest.raises(Crash):
         crashing.fit()
     kwargs["early_stopping"] = fastft.EarlyStopping(patience=5)

@@ -189,6 +189,7 @@ class Trainer:
         self.stopped_early = False
         self.skipped_steps = 0
         self._position = (0, 0)  # (epoch, next micro-batch) of the next step
+        self._run_loss, self._run_count = 0.0, 0  # training loss since the last record
         #: Seconds spent in each part of the training steps so far (host clock; on CUDA the
         #: asynchronous kernels show up where the host waits for them).
         self.timings: Dict[str, float] = {"data": 0.0, "forward": 0.0, "backward": 0.0, "optimizer": 0.0}
@@ -355,7 +356,7 @@ class Trainer:
         start_epoch, start_batch = self._position
         bar = tqdm(total=self.total_steps, initial=self.global_step, disable=not self.progress, desc="fine-tuning",
                    dynamic_ncols=True)
-        run_loss, run_count, t0, seen = 0.0, 0, time.perf_counter(), 0
+        t0, seen = time.perf_counter(), 0
         for epoch in range(start_epoch, self.epochs):
             batches = self._epoch_batches(epoch)
             first = start_batch if epoch == start_epoch else 0
@@ -404,16 +405,15 @@ class Trainer:
                 self.timings["optimizer"] += time.perf_counter() - t_opt
                 self.global_step += 1
                 self._position = (epoch, micro) if micro < len(batches) else (epoch + 1, 0)
-                run_loss += step_loss
-                run_count += 1
+                self._run_loss += step_loss
+                self._run_count += 1
                 seen += n_examples
                 bar.update(1)
                 bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{self.scheduler.get_last_lr()[0]:.2e}",
                                 ex_s=f"{seen / (time.perf_counter() - t0):.1f}")
                 self._call("on_step_end", self.global_step, step_loss)
                 if self.eval_every and self.global_step % self.eval_every == 0 and self.val_examples is not None:
-                    self._evaluate_and_record(epoch, run_loss / max(run_count, 1))
-                    run_loss, run_count = 0.0, 0
+                    self._evaluate_and_record(epoch, self._mean_train_loss())
                 elif self.checkpoint_every and self.global_step % self.checkpoint_every == 0:
                     self._save_checkpoint()
             if self.should_stop:
@@ -421,17 +421,22 @@ class Trainer:
             self._call("on_epoch_end", epoch)
             if not self.eval_every:
                 if self.val_examples is not None:
-                    self._evaluate_and_record(epoch, run_loss / max(run_count, 1))
+                    self._evaluate_and_record(epoch, self._mean_train_loss())
                 else:
                     self._record({"epoch": epoch + 1, "step": self.global_step,
-                                  "train_loss": run_loss / max(run_count, 1)})
+                                  "train_loss": self._mean_train_loss()})
                     self._save_checkpoint()
-                run_loss, run_count = 0.0, 0
             if self.should_stop:
                 break
         bar.close()
         self._call("on_fit_end")
         return self._finish()
+
+    def _mean_train_loss(self) -> float:
+        """Mean training loss of the steps since the last record; starts a new window."""
+        mean = self._run_loss / max(self._run_count, 1)
+        self._run_loss, self._run_count = 0.0, 0
+        return mean
 
     def _record(self, record: Dict[str, float]) -> None:
         self.history.append(record)
@@ -522,6 +527,7 @@ class Trainer:
                    tmp / "state.pt")
         state = {"global_step": self.global_step, "position": list(self._position), "history": self.history,
                  "skipped_steps": self.skipped_steps, "stopped_early": self.stopped_early,
+                 "run_loss": self._run_loss, "run_count": self._run_count,
                  "freeze_boundary": getattr(self.freeze_plan, "boundary", None),
                  "embeddings_frozen": getattr(self.freeze_plan, "embeddings_frozen", None)}
         (tmp / "trainer_state.json").write_text(json.dumps(state))  # written last: marks a complete checkpoint
@@ -569,6 +575,7 @@ class Trainer:
         self.history = state["history"]
         self.skipped_steps = state["skipped_steps"]
         self.stopped_early = state["stopped_early"]
+        self._run_loss, self._run_count = state["run_loss"], state["run_count"]
 
     def _plot(self) -> None:
         try:
