@@ -77,7 +77,7 @@ def bench_size(name: str, device: torch.device, dtype: torch.dtype, reps: int, w
     src = torch.empty(n, dtype=dtype, device=device).normal_()
     dst = torch.empty_like(src)
     record("copy", lambda: dst.copy_(src), 2 * elem)
-    del src, dst
+    src = dst = None  # free the memory before the next variant
 
     adam_bytes = 7 * elem  # read p, g, m, v; write p, m, v
     l2_bytes = adam_bytes + elem  # + read the anchor
@@ -86,7 +86,7 @@ def bench_size(name: str, device: torch.device, dtype: torch.dtype, reps: int, w
     params = fresh()
     opt = torch.optim.AdamW(params, lr=LR, weight_decay=0.01, foreach=True)
     record("torch_foreach", opt.step, adam_bytes)
-    del opt, params
+    opt = params = None  # free the memory before the next variant
 
     params = fresh()
     opt = torch.optim.AdamW(params, lr=LR, weight_decay=0.01, fused=True)
@@ -108,22 +108,22 @@ def bench_size(name: str, device: torch.device, dtype: torch.dtype, reps: int, w
         torch_fused_l2()
 
     record("torch_clip_fused_l2", torch_clip_fused_l2, adam_bytes + 5 * elem + 3 * elem)
-    del opt, params, anchors, plain
+    opt = params = anchors = plain = None  # free the memory before the next variant
 
     params = fresh()
     opt = fastft.AdamW(params, lr=LR, weight_decay=0.01)
     record("fastft_l2_0", opt.step, adam_bytes, "torch_fused")
-    del opt, params
+    opt = params = None  # free the memory before the next variant
 
     params = fresh()
     opt = fastft.AdamW(params, lr=LR, weight_decay=0.01, l2_init=L2)
     record("fastft_l2", opt.step, l2_bytes, "torch_fused_l2")
-    del opt, params
+    opt = params = None  # free the memory before the next variant
 
     params = fresh()
     opt = fastft.AdamW(params, lr=LR, weight_decay=0.01, l2_init=L2, max_grad_norm=MAX_NORM)
     record("fastft_l2_clip", opt.step, clip_bytes, "torch_clip_fused_l2")
-    del opt, params
+    opt = params = None  # free the memory before the next variant
 
     by_variant = {r["variant"]: r for r in rows}
     copy_gbps = by_variant["copy"]["gbps"]

@@ -32,7 +32,6 @@ Memory: each variant runs one step in a fresh subprocess, which reports
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
 import platform
@@ -51,7 +50,7 @@ from torch import nn  # noqa: E402
 
 import fastft  # noqa: E402
 from fastft.freezing import find_layers, freeze_layers, layerwise_lr_groups  # noqa: E402
-from _common import git_commit  # noqa: E402
+from _common import git_commit, write_results  # noqa: E402
 
 BATCH, SEQ, LR, DECAY, WD, L2 = 32, 128, 2e-5, 0.9, 0.01, 0.01
 VARIANTS = ["full", "freeze_0", "freeze_2", "freeze_4", "freeze_6", "naive_2", "naive_4", "naive_6"]
@@ -231,17 +230,8 @@ def main(argv=None) -> int:
           "grads/state after it; RSS = peak RSS (VmHWM) of a fresh subprocess per variant during that step, "
           "rise = over its RSS after loading + building the optimizer")
 
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    stem = out / "bench_freeze_cpu"
-    fields = list(dict.fromkeys(k for r in rows for k in r))
-    with open(f"{stem}.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=fields)
-        w.writeheader()
-        w.writerows(rows)
-    with open(f"{stem}.json", "w") as f:
-        json.dump(dict(meta=meta, times_ms=times, rows=rows), f, indent=1)
-    print(f"wrote {stem}.csv and {stem}.json ({time.time() - t_start:.0f} s)")
+    write_results(Path(args.out) / "bench_freeze_cpu", rows, meta, times_ms=times)
+    print(f"({time.time() - t_start:.0f} s)")
     return 0
 
 

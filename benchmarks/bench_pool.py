@@ -66,7 +66,7 @@ def bench_case(B, T, H, dtype, device, reps, warmup):
                 fwd = t(lambda: fn(hidden, mask))
             out = fn(hidden, mask)
             bwd = t(lambda: torch.autograd.grad(out, hidden, grad_out, retain_graph=True))
-            del out
+            out = None  # free the memory before the next variant
             fwd_bwd = t(lambda: torch.autograd.grad(fn(hidden, mask), hidden, grad_out))
             rows.append(dict(shape=f"{B}x{T}x{H}", dtype=str(dtype).replace("torch.", ""), mode=mode, variant=name,
                              fwd_ms=fwd, bwd_ms=bwd, fwd_bwd_ms=fwd_bwd,
@@ -76,7 +76,7 @@ def bench_case(B, T, H, dtype, device, reps, warmup):
     dst = torch.empty_like(src)
     copy_ms = t(lambda: dst.copy_(src))
     copy_gbps = 2 * src.numel() * src.element_size() / copy_ms / 1e6
-    del src, dst
+    src = dst = None  # free the memory before the next variant
     elem = hidden.element_size()
     real = float(mask.float().mean())
     for r in rows:

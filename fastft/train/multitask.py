@@ -20,7 +20,7 @@ from ..optim import AdamW
 from .callbacks import EarlyStopping
 from .data import Collator, batch_order, example_length, prepare_examples
 from .metrics import check_metric_names, compute_metrics
-from .trainer import FitResult, _swap_in, _to
+from .trainer import FitResult, _swap_in, _to, optimizer_step
 
 __all__ = ["Task", "MultiTaskModel", "MultiTaskTrainer", "SAMPLING", "task_probabilities"]
 
@@ -337,13 +337,7 @@ class MultiTaskTrainer:
                 if not torch.isfinite(loss):
                     raise FloatingPointError(f"fastft.MultiTaskTrainer: non-finite loss at step {self.global_step + 1}")
                 (self.scaler.scale(loss) if self.scaler else loss).backward()
-                if self.scaler is not None:
-                    self.scaler.step(self.optimizer)
-                    self.scaler.update()
-                else:
-                    self.optimizer.step()
-                self.scheduler.step()
-                self.optimizer.zero_grad(set_to_none=True)
+                optimizer_step(self.optimizer, self.scheduler, self.scaler)
                 self.global_step += 1
                 run_loss += float(loss.detach())
                 bar.update(1)

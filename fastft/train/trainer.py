@@ -395,13 +395,7 @@ class Trainer:
                     self.optimizer.zero_grad(set_to_none=True)
                     continue
                 t_opt = time.perf_counter()
-                if self.scaler is not None:
-                    self.scaler.step(self.optimizer)
-                    self.scaler.update()
-                else:
-                    self.optimizer.step()
-                self.scheduler.step()
-                self.optimizer.zero_grad(set_to_none=True)
+                optimizer_step(self.optimizer, self.scheduler, self.scaler)
                 self.timings["optimizer"] += time.perf_counter() - t_opt
                 self.global_step += 1
                 self._position = (epoch, micro) if micro < len(batches) else (epoch + 1, 0)
@@ -605,6 +599,17 @@ class Trainer:
         fig.tight_layout()
         fig.savefig(self.output_dir / "curves.png", dpi=100)
         plt.close(fig)
+
+
+def optimizer_step(optimizer, scheduler, scaler=None) -> None:
+    """One optimizer step (through the GradScaler under fp16), the scheduler's step, gradients cleared."""
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
 
 
 def _swap_in(tmp: Path, target: Path) -> None:
