@@ -221,11 +221,12 @@ class ForgettingMonitor(Callback):
         self.baseline: Optional[Dict[str, float]] = None
         self.records: List[Dict[str, float]] = []
 
-    def _setup(self, model: nn.Module) -> None:
+    def setup(self, model: nn.Module) -> None:
+        """Check ``model`` (or ``lm``) and the tokenizer, tokenize the text, and for an encoder keep a
+        frozen copy as the reference. Called by :meth:`on_fit_start`; call it yourself to measure by hand."""
         target = self.lm if self.lm is not None else model
         self.kind = lm_kind(target)
         if self.kind is not None:
-            self.target = target
             _check_tokenizer(self.tokenizer, target, "ForgettingMonitor")
             self.examples = _lm_examples(self.texts, self.tokenizer, self.kind, self.max_length,
                                          self.mlm_probability, self.seed, pack=False)
@@ -235,16 +236,22 @@ class ForgettingMonitor(Callback):
             raise ValueError("fastft.ForgettingMonitor: the model has neither an LM head nor an encoder to compare")
         _check_tokenizer(self.tokenizer, encoder, "ForgettingMonitor")
         self.kind = "representation"
-        self.target = encoder
         self.reference = copy.deepcopy(encoder).eval().requires_grad_(False)
         self.encoded = self.tokenizer(self.texts, truncation=True, max_length=self.max_length)["input_ids"]
 
+    def _target(self, model: nn.Module) -> nn.Module:
+        if self.kind == "representation":
+            return getattr(model, "encoder", model)
+        return self.lm if self.lm is not None else model
+
     @torch.no_grad()
     def measure(self, model: nn.Module) -> Dict[str, float]:
-        """The forgetting measures of ``model`` now."""
-        device = next(self.target.parameters()).device
-        was = self.target.training
-        self.target.eval()
+        """The forgetting measures of ``model`` now (the monitor must have been set up, e.g. by
+        :meth:`on_fit_start` or :meth:`setup`, on this model or one of the same kind)."""
+        target = self._target(model)
+        device = next(target.parameters()).device
+        was = target.training
+        target.eval()
         try:
             if self.kind in ("causal", "masked"):
                 pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
@@ -254,15 +261,15 @@ class ForgettingMonitor(Callback):
                     batch = _pad(chunk, pad, device)
                     n = int((batch["labels"][:, 1:] != -100).sum()) if self.kind == "causal" else int(
                         (batch["labels"] != -100).sum())
-                    total += float(_lm_loss(self.target, batch)) * n
+                    total += float(_lm_loss(target, batch)) * n
                     count += n
                 loss = total / max(count, 1)
                 return {"pretrain_loss": loss, "pretrain_ppl": math.exp(min(loss, 700.0))}
-            now, ref = self._pooled(self.target, device), self._pooled(self.reference.to(device), device)
+            now, ref = self._pooled(target, device), self._pooled(self.reference.to(device), device)
             return {"repr_cka": _linear_cka(now, ref),
                     "repr_cosine": float(nn.functional.cosine_similarity(now, ref, dim=-1).mean())}
         finally:
-            self.target.train(was)
+            target.train(was)
 
     def _pooled(self, encoder: nn.Module, device: torch.device) -> Tensor:
         from .heads import _last_hidden_state
@@ -283,7 +290,7 @@ class ForgettingMonitor(Callback):
 
     def on_fit_start(self, trainer) -> None:
         if self.baseline is None:
-            self._setup(trainer.model)
+            self.setup(trainer.model)
             self.baseline = self.measure(trainer.model)
 
     def on_evaluate(self, trainer, record: Dict[str, float]) -> None:
@@ -371,6 +378,37 @@ def continue_pretraining(model: nn.Module, domain_text: Any, tokenizer: Any, epo
 
 # --- the prompting baseline -----------------------------------------------------------------------
 
+
+@torch.no_grad()
+def _label_scores(lm: nn.Module, prompts: List[List[int]], label_ids: List[List[int]], device: torch.device,
+                  max_length: int, batch_size: int) -> Tensor:
+    """[N, C] log-likelihood of each label's tokens after each prompt. Single-token labels take one
+    forward per prompt (batched, right-padded); longer ones one forward per (prompt, label)."""
+    n_classes = len(label_ids)
+    out = torch.empty(len(prompts), n_classes)
+    if all(len(ids) == 1 for ids in label_ids):
+        first = torch.tensor([ids[0] for ids in label_ids])
+        for i in range(0, len(prompts), batch_size):
+            rows = [p[-max_length:] for p in prompts[i:i + batch_size]]
+            n = max(len(r) for r in rows)
+            ids = torch.zeros(len(rows), n, dtype=torch.long)
+            mask = torch.zeros(len(rows), n, dtype=torch.long)
+            for j, r in enumerate(rows):
+                ids[j, :len(r)] = torch.as_tensor(r)
+                mask[j, :len(r)] = 1
+            logits = lm(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float().cpu()
+            last = logits[torch.arange(len(rows)), mask.sum(1) - 1]
+            out[i:i + len(rows)] = torch.log_softmax(last, -1)[:, first]
+        return out
+    for i, prompt in enumerate(prompts):
+        for c, ids in enumerate(label_ids):
+            full = (prompt + ids)[-max_length:]
+            logits = lm(input_ids=torch.tensor([full], device=device)).logits[0].float()
+            logp = torch.log_softmax(logits[:-1], -1)
+            target = torch.tensor(full[-len(ids):], device=device)
+            out[i, c] = float(logp[-len(ids):].gather(1, target[:, None]).sum())
+    return out
+
 DEFAULT_TEMPLATE = "Text: {text}\nLabel:"
 
 
@@ -386,7 +424,8 @@ def few_shot_prompt(examples: Sequence[Tuple[str, str]], query: str, template: s
 @torch.no_grad()
 def evaluate_prompting(lm: nn.Module, tokenizer: Any, examples: Sequence[Tuple[str, int]],
                        test_data: Sequence[Tuple[str, int]], labels: Sequence[str], shots: Sequence[int] = (0, 4),
-                       template: str = DEFAULT_TEMPLATE, seed: int = 0, max_length: int = 512) -> Dict[str, float]:
+                       template: str = DEFAULT_TEMPLATE, seed: int = 0, max_length: int = 512,
+                       batch_size: int = 16) -> Dict[str, float]:
     """Zero- and k-shot in-context classification accuracy of a causal LM.
 
     For every test text and every class, the log-likelihood of the class's label word (``labels[c]``,
@@ -418,18 +457,10 @@ def evaluate_prompting(lm: nn.Module, tokenizer: Any, examples: Sequence[Tuple[s
                 if pools[c] and len(demos) < k:
                     demos.append((pools[c].pop(), labels[c]))
         rng.shuffle(demos)
-        correct = 0
-        for text, y in test_data:
-            prompt_ids = tokenizer(few_shot_prompt(demos, text, template), add_special_tokens=False)["input_ids"]
-            scores = []
-            for ids in label_ids:
-                full = (prompt_ids + ids)[-max_length:]
-                logits = lm(input_ids=torch.tensor([full], device=device)).logits[0].float()
-                logp = torch.log_softmax(logits[:-1], -1)
-                n = len(ids)
-                target = torch.tensor(full[-n:], device=device)
-                scores.append(float(logp[-n:].gather(1, target[:, None]).sum()))
-            correct += int(max(range(len(labels)), key=lambda c: scores[c]) == int(y))
-        results[f"{k}-shot"] = correct / len(test_data)
+        prompts = [tokenizer(few_shot_prompt(demos, text, template), add_special_tokens=False)["input_ids"]
+                   for text, _ in test_data]
+        scores = _label_scores(lm, prompts, label_ids, device, max_length, batch_size)
+        predictions = scores.argmax(-1).tolist()
+        results[f"{k}-shot"] = sum(int(p == int(y)) for p, (_, y) in zip(predictions, test_data)) / len(test_data)
     lm.train(was)
     return results

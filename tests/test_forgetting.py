@@ -114,8 +114,10 @@ def test_monitor_measures_lm_forgetting(tmp_path, tok):
         assert {"pretrain_loss", "pretrain_ppl", "pretrain_loss_rise"} <= set(r)
         assert r["pretrain_loss_rise"] == pytest.approx(r["pretrain_loss"] - base)
     fresh = fastft.ForgettingMonitor(GENERAL, tokenizer=tok, max_length=20)
-    fresh._setup(model)
+    fresh.setup(tiny_gpt2())  # set up on the untouched model, then measure the trained one
+    assert fresh.measure(tiny_gpt2())["pretrain_loss"] == pytest.approx(base, rel=1e-5)
     assert fresh.measure(model)["pretrain_loss"] == pytest.approx(result.history[-1]["pretrain_loss"], rel=1e-5)
+    assert result.history[-1]["pretrain_loss_rise"] != 0.0
     assert (tmp_path / "forgetting.png").is_file()
     assert '"pretrain_loss"' in (tmp_path / "metrics.jsonl").read_text()
 
@@ -124,7 +126,7 @@ def test_monitor_representation_drift_for_encoders(tok):
     encoder = tiny_bert_mlm().bert
     clf = fastft.SequenceClassifier(encoder, num_labels=2)
     monitor = fastft.ForgettingMonitor(GENERAL, tokenizer=tok)
-    monitor._setup(clf)
+    monitor.setup(clf)
     assert monitor.kind == "representation"
     same = monitor.measure(clf)
     assert same["repr_cka"] == pytest.approx(1.0) and same["repr_cosine"] == pytest.approx(1.0)
@@ -142,9 +144,9 @@ def test_continue_pretraining_adapts_and_anchors_follow(tok, make):
                                          batch_size=4, warmup_ratio=0.0)
     assert result.global_step > 0
     monitor = fastft.ForgettingMonitor(GENERAL, tokenizer=tok, max_length=20)
-    monitor._setup(model)
+    monitor.setup(model)
     old = fastft.ForgettingMonitor(GENERAL, tokenizer=tok, max_length=20)
-    old._setup(before)
+    old.setup(before)
     assert monitor.measure(model)["pretrain_loss"] < old.measure(before)["pretrain_loss"]
     # A new fine-tuning run anchors L2-to-init at the domain-adapted weights.
     adapted = {n: p.detach().clone() for n, p in model.named_parameters()}
@@ -178,7 +180,7 @@ def test_evaluate_prompting_scores_label_words(tok):
             self.w = torch.nn.Parameter(torch.zeros(1))
             self.config = types.SimpleNamespace(vocab_size=30522)
 
-        def forward(self, input_ids):
+        def forward(self, input_ids, attention_mask=None):
             logits = torch.zeros(*input_ids.shape, 30522)
             logits[..., positive] = 5.0
             return types.SimpleNamespace(logits=logits)
@@ -191,3 +193,18 @@ def test_evaluate_prompting_scores_label_words(tok):
     assert set(real) == {"0-shot", "4-shot"} and all(0 <= v <= 1 for v in real.values())
     with pytest.raises(ValueError, match="causal LM"):
         fastft.evaluate_prompting(tiny_bert_mlm(), tok, TASK, test, ["negative", "positive"])
+
+
+def test_batched_label_scores_equal_one_by_one(tok):
+    from fastft.forgetting import _label_scores
+
+    lm = tiny_gpt2().eval()
+    prompts = [tok(t, add_special_tokens=False)["input_ids"] for t, _ in TASK[:7]]
+    single = [[2204], [3893]]
+    batched = _label_scores(lm, prompts, single, torch.device("cpu"), 512, batch_size=3)
+    for i, p in enumerate(prompts):
+        with torch.no_grad():
+            logp = torch.log_softmax(lm(input_ids=torch.tensor([p])).logits[0, -1], -1)
+        torch.testing.assert_close(batched[i], logp[[2204, 3893]], rtol=1e-5, atol=1e-5)
+    two_token = _label_scores(lm, prompts[:2], [[2204, 2204], [3893]], torch.device("cpu"), 512, batch_size=3)
+    torch.testing.assert_close(two_token[:, 1], batched[:2, 1], rtol=1e-5, atol=1e-5)
