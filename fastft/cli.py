@@ -28,7 +28,8 @@ DEMO_CONFIG: Dict[str, Any] = {
     "output_dir": "runs/demo",
 }
 
-_TOP_KEYS = {"model", "data", "trainer", "output_dir", "tasks", "multitask"}
+_TOP_KEYS = {"model", "data", "trainer", "output_dir", "tasks", "multitask", "continue_pretraining"}
+_DAPT_KEYS = {"source", "objective", "epochs", "lr", "block_size", "batch_size", "max_examples", "max_chars", "seed"}
 _TASK_KEYS = {"source", "split", "seed", "max_examples", "text_column", "label_column", "max_chars", "num_labels",
               "pool", "metrics", "loss_weight", "dropout"}
 _MULTITASK_KEYS = {"sampling", "temperature", "mix"}
@@ -64,12 +65,14 @@ def _load_examples(data_cfg: Dict[str, Any]) -> List[Any]:
         return datasets.pang_lee_sentences()
     if source == "conll2010_uncertainty":
         return datasets.conll2010_uncertainty()
+    if source == "pang_lee_reviews":
+        return datasets.pang_lee_reviews()
     if source == "bbc_news":
         return datasets.bbc_news(max_chars=data_cfg.get("max_chars"))
     path = Path(source)
     if not path.is_file():
         raise FileNotFoundError(f"fastft finetune: data source {source!r} is neither a packaged corpus "
-                                "('pang_lee', 'conll2010_uncertainty', 'bbc_news') nor a file")
+                                "('pang_lee', 'pang_lee_reviews', 'conll2010_uncertainty', 'bbc_news') nor a file")
     text_col, label_col = data_cfg.get("text_column", "text"), data_cfg.get("label_column", "label")
     rows: List[Dict[str, Any]]
     if path.suffix == ".jsonl":
@@ -109,7 +112,8 @@ def run_finetune(config: Dict[str, Any], output_dir: Optional[str] = None, progr
     train, val, test = _split_examples(data_cfg)
     torch.manual_seed(trainer_cfg.get("seed", 0))
     tokenizer = AutoTokenizer.from_pretrained(folder)
-    encoder = AutoModel.from_pretrained(folder)
+    encoder = _domain_adapted_encoder(config["continue_pretraining"], folder, tokenizer) \
+        if config.get("continue_pretraining") else AutoModel.from_pretrained(folder)
     model = SequenceClassifier(encoder, num_labels=model_cfg.get("num_labels", 2), pool=model_cfg.get("pool", "mean"),
                                dropout=model_cfg.get("dropout", 0.1))
     es = trainer_cfg.pop("early_stopping", None)
@@ -129,6 +133,30 @@ def run_finetune(config: Dict[str, Any], output_dir: Optional[str] = None, progr
     if out_dir:
         Path(out_dir, "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
+
+
+def _domain_adapted_encoder(cfg: Dict[str, Any], folder: str, tokenizer):
+    """Stage 1 of a config with a ``continue_pretraining:`` section: adapt the model to domain text with
+    its LM objective (masked by default; a head missing from the checkpoint starts fresh), then hand
+    its encoder to the task stage, whose L2-to-init anchors are then the adapted weights."""
+    from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
+
+    from .forgetting import continue_pretraining
+
+    _check_keys(cfg, _DAPT_KEYS, "continue_pretraining")
+    objective = cfg.get("objective", "masked")
+    if objective not in ("masked", "causal"):
+        raise ValueError(f"fastft finetune: continue_pretraining.objective must be 'masked' or 'causal', got {objective!r}")
+    texts = [t for t, _ in _load_examples({"source": cfg.get("source", "pang_lee_reviews"),
+                                           "max_chars": cfg.get("max_chars")})]
+    if cfg.get("max_examples"):
+        texts = texts[: int(cfg["max_examples"])]
+    lm = (AutoModelForMaskedLM if objective == "masked" else AutoModelForCausalLM).from_pretrained(folder)
+    result = continue_pretraining(lm, texts, tokenizer, objective=objective, epochs=cfg.get("epochs", 1),
+                                  lr=cfg.get("lr", 1e-5), block_size=cfg.get("block_size", 128),
+                                  batch_size=cfg.get("batch_size", 8), seed=cfg.get("seed", 0))
+    print(f"fastft: continued pretraining on {len(texts)} domain texts, {result.global_step} steps", flush=True)
+    return lm.base_model
 
 
 def _split_examples(data_cfg: Dict[str, Any]):

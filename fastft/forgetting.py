@@ -90,12 +90,14 @@ def _lm_examples(texts: Sequence[str], tokenizer: Any, kind: str, max_length: in
     else:
         rows = tokenizer(list(texts), truncation=True, max_length=max_length)["input_ids"]
     if kind == "causal":
-        return [{"input_ids": r, "labels": list(r)} for r in rows]
+        # A one-token text has nothing to predict after the shift: its loss would be NaN.
+        return [{"input_ids": r, "labels": list(r)} for r in rows if len(r) >= 2]
     g = torch.Generator().manual_seed(seed)
     out = []
     for r in rows:
         ids, labels = mask_tokens(torch.tensor([r]), tokenizer, mlm_probability, g)
-        out.append({"input_ids": ids[0].tolist(), "labels": labels[0].tolist()})
+        if (labels != -100).any():  # no masked token: nothing to predict, the loss would be NaN
+            out.append({"input_ids": ids[0].tolist(), "labels": labels[0].tolist()})
     return out
 
 
@@ -171,6 +173,8 @@ class Replay:
         self.kind = kind
         self.examples = _lm_examples(self.texts, self.tokenizer, kind, self.max_length, self.mlm_probability,
                                      self.seed, pack=False)
+        if not self.examples:
+            raise ValueError("fastft.Replay: no replay text has a token to predict (all too short)")
 
     def next(self, n: int) -> List[Dict[str, Any]]:
         """The next ``n`` replay examples (a new seeded shuffle after each pass)."""
@@ -230,6 +234,8 @@ class ForgettingMonitor(Callback):
             _check_tokenizer(self.tokenizer, target, "ForgettingMonitor")
             self.examples = _lm_examples(self.texts, self.tokenizer, self.kind, self.max_length,
                                          self.mlm_probability, self.seed, pack=False)
+            if not self.examples:
+                raise ValueError("fastft.ForgettingMonitor: no held-out text has a token to predict (all too short)")
             return
         encoder = getattr(model, "encoder", model)
         if not any(True for _ in encoder.parameters()):
@@ -261,8 +267,9 @@ class ForgettingMonitor(Callback):
                     batch = _pad(chunk, pad, device)
                     n = int((batch["labels"][:, 1:] != -100).sum()) if self.kind == "causal" else int(
                         (batch["labels"] != -100).sum())
-                    total += float(_lm_loss(target, batch)) * n
-                    count += n
+                    if n:
+                        total += float(_lm_loss(target, batch)) * n
+                        count += n
                 loss = total / max(count, 1)
                 return {"pretrain_loss": loss, "pretrain_ppl": math.exp(min(loss, 700.0))}
             now, ref = self._pooled(target, device), self._pooled(self.reference.to(device), device)

@@ -208,3 +208,17 @@ def test_batched_label_scores_equal_one_by_one(tok):
         torch.testing.assert_close(batched[i], logp[[2204, 3893]], rtol=1e-5, atol=1e-5)
     two_token = _label_scores(lm, prompts[:2], [[2204, 2204], [3893]], torch.device("cpu"), 512, batch_size=3)
     torch.testing.assert_close(two_token[:, 1], batched[:2, 1], rtol=1e-5, atol=1e-5)
+
+
+def test_texts_with_nothing_to_predict_are_dropped(tok):
+    from fastft.forgetting import _lm_examples
+
+    def one_token_for_short(texts, truncation=True, max_length=None):
+        return {"input_ids": [[5] if len(t) < 3 else [5, 6, 7] for t in texts]}
+
+    rows = _lm_examples([".", "a longer text", "!"], one_token_for_short, "causal", 8, 0.15, 0, pack=False)
+    assert [r["input_ids"] for r in rows] == [[5, 6, 7]]  # a one-token text has no next token to predict
+    with pytest.raises(ValueError, match="too short"):
+        fastft.Replay(["."] * 4, ratio=0.5, tokenizer=one_token_for_short).bind(tiny_gpt2(), None)
+    with pytest.raises(ValueError, match="too short"):
+        fastft.ForgettingMonitor(["!"] * 4, tokenizer=one_token_for_short).setup(tiny_gpt2())
