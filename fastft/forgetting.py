@@ -101,16 +101,20 @@ def _lm_examples(texts: Sequence[str], tokenizer: Any, kind: str, max_length: in
     return out
 
 
+def _right_pad(rows: Sequence[Sequence[int]], value: int = 0) -> Tuple[Tensor, Tensor]:
+    """Token rows padded on the right to the longest: (ids [N, T], attention mask [N, T])."""
+    n = max(len(r) for r in rows)
+    ids = torch.full((len(rows), n), value, dtype=torch.long)
+    mask = torch.zeros((len(rows), n), dtype=torch.long)
+    for j, r in enumerate(rows):
+        ids[j, :len(r)] = torch.as_tensor(r)
+        mask[j, :len(r)] = 1
+    return ids, mask
+
+
 def _pad(examples: List[Dict[str, Any]], pad_id: int, device: torch.device) -> Dict[str, Tensor]:
-    n = max(len(e["input_ids"]) for e in examples)
-    ids = torch.full((len(examples), n), pad_id, dtype=torch.long)
-    labels = torch.full((len(examples), n), -100, dtype=torch.long)
-    mask = torch.zeros((len(examples), n), dtype=torch.long)
-    for i, e in enumerate(examples):
-        k = len(e["input_ids"])
-        ids[i, :k] = torch.as_tensor(e["input_ids"])
-        labels[i, :k] = torch.as_tensor(e["labels"])
-        mask[i, :k] = 1
+    ids, mask = _right_pad([e["input_ids"] for e in examples], pad_id)
+    labels, _ = _right_pad([e["labels"] for e in examples], -100)
     return {"input_ids": ids.to(device), "attention_mask": mask.to(device), "labels": labels.to(device)}
 
 
@@ -284,13 +288,7 @@ class ForgettingMonitor(Callback):
 
         out = []
         for i in range(0, len(self.encoded), self.batch_size):
-            rows = self.encoded[i:i + self.batch_size]
-            n = max(len(r) for r in rows)
-            ids = torch.zeros(len(rows), n, dtype=torch.long)
-            mask = torch.zeros(len(rows), n, dtype=torch.long)
-            for j, r in enumerate(rows):
-                ids[j, :len(r)] = torch.as_tensor(r)
-                mask[j, :len(r)] = 1
+            ids, mask = _right_pad(self.encoded[i:i + self.batch_size])
             hidden = _last_hidden_state(encoder(input_ids=ids.to(device), attention_mask=mask.to(device)))
             out.append(masked_mean_pool(hidden.float(), mask.to(device)).cpu())
         return torch.cat(out).double()
@@ -397,12 +395,7 @@ def _label_scores(lm: nn.Module, prompts: List[List[int]], label_ids: List[List[
         first = torch.tensor([ids[0] for ids in label_ids])
         for i in range(0, len(prompts), batch_size):
             rows = [p[-max_length:] for p in prompts[i:i + batch_size]]
-            n = max(len(r) for r in rows)
-            ids = torch.zeros(len(rows), n, dtype=torch.long)
-            mask = torch.zeros(len(rows), n, dtype=torch.long)
-            for j, r in enumerate(rows):
-                ids[j, :len(r)] = torch.as_tensor(r)
-                mask[j, :len(r)] = 1
+            ids, mask = _right_pad(rows)
             logits = lm(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float().cpu()
             last = logits[torch.arange(len(rows)), mask.sum(1) - 1]
             out[i:i + len(rows)] = torch.log_softmax(last, -1)[:, first]
