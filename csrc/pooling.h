@@ -26,6 +26,12 @@ inline void check_pool_dtype(const at::Tensor& t, const char* what) {
               " must be float32, float16, bfloat16 or float64, got ", d);
 }
 
+// The mask as a contiguous bool tensor (nonzero = real token); undefined when there is none.
+inline at::Tensor bool_mask(const std::optional<at::Tensor>& mask) {
+  if (!mask.has_value()) return at::Tensor();
+  return (mask->scalar_type() == at::kBool ? *mask : at::ne(*mask, 0)).contiguous();
+}
+
 // Validates hidden [B, T, H] and mask [B, T]; returns the mask as a contiguous bool tensor (undefined
 // when there is no mask). Any nonzero mask value marks a real token.
 inline at::Tensor check_pool_inputs(const at::Tensor& hidden, const std::optional<at::Tensor>& mask) {
@@ -39,8 +45,7 @@ inline at::Tensor check_pool_inputs(const at::Tensor& hidden, const std::optiona
   TORCH_CHECK(m.device() == hidden.device(), "fastft.pool: attention_mask is on ", m.device(), " but hidden is on ",
               hidden.device());
   TORCH_CHECK(!m.is_complex(), "fastft.pool: attention_mask must be bool, integer or float, got ", m.scalar_type());
-  at::Tensor b = m.scalar_type() == at::kBool ? m : at::ne(m, 0);
-  return b.contiguous();
+  return bool_mask(mask);
 }
 
 // The index output of the forward: argmax token per feature [B, H] for max, the chosen token [B] for

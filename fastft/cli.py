@@ -98,7 +98,7 @@ def run_finetune(config: Dict[str, Any], output_dir: Optional[str] = None, progr
     from transformers import AutoModel, AutoTokenizer
 
     from .heads import SequenceClassifier
-    from .train import EarlyStopping, Trainer
+    from .train import Trainer
 
     _check_keys(config, _TOP_KEYS, "the config")
     if "tasks" in config:
@@ -116,9 +116,7 @@ def run_finetune(config: Dict[str, Any], output_dir: Optional[str] = None, progr
         if config.get("continue_pretraining") else AutoModel.from_pretrained(folder)
     model = SequenceClassifier(encoder, num_labels=model_cfg.get("num_labels", 2), pool=model_cfg.get("pool", "mean"),
                                dropout=model_cfg.get("dropout", 0.1))
-    es = trainer_cfg.pop("early_stopping", None)
-    if isinstance(es, dict):
-        es = EarlyStopping(**es)
+    es = _early_stopping(trainer_cfg)
     out_dir = output_dir or config.get("output_dir")
     trainer = Trainer(model, train, val, tokenizer=tokenizer, early_stopping=es, output_dir=out_dir,
                       progress=progress, **trainer_cfg)
@@ -127,12 +125,7 @@ def run_finetune(config: Dict[str, Any], output_dir: Optional[str] = None, progr
     start = time.perf_counter()
     result = trainer.fit()
     test_metrics = trainer.evaluate(test)
-    summary = {"best_epoch": result.best_epoch, "stopped_early": result.stopped_early,
-               "global_step": result.global_step, "seconds": round(time.perf_counter() - start, 1),
-               "test": test_metrics, "history": result.history, "output_dir": result.output_dir}
-    if out_dir:
-        Path(out_dir, "summary.json").write_text(json.dumps(summary, indent=2))
-    return summary
+    return _summary(result, time.perf_counter() - start, test_metrics, out_dir)
 
 
 def _domain_adapted_encoder(cfg: Dict[str, Any], folder: str, tokenizer):
@@ -159,6 +152,24 @@ def _domain_adapted_encoder(cfg: Dict[str, Any], folder: str, tokenizer):
     return lm.base_model
 
 
+def _early_stopping(trainer_cfg: Dict[str, Any]):
+    """Pops ``early_stopping`` from a trainer section: a dict of EarlyStopping arguments, or None."""
+    from .train import EarlyStopping
+
+    es = trainer_cfg.pop("early_stopping", None)
+    return EarlyStopping(**es) if isinstance(es, dict) else es
+
+
+def _summary(result, seconds: float, test_metrics: Dict[str, Any], out_dir: Optional[str]) -> Dict[str, Any]:
+    """The job's summary (also ``summary.json`` in the run folder)."""
+    summary = {"best_epoch": result.best_epoch, "stopped_early": result.stopped_early,
+               "global_step": result.global_step, "seconds": round(seconds, 1), "test": test_metrics,
+               "history": result.history, "output_dir": result.output_dir}
+    if out_dir:
+        Path(out_dir, "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
 def _split_examples(data_cfg: Dict[str, Any]):
     from . import datasets
 
@@ -176,7 +187,7 @@ def _run_multitask(config: Dict[str, Any], output_dir: Optional[str], progress: 
     import torch
     from transformers import AutoModel, AutoTokenizer
 
-    from .train import EarlyStopping, MultiTaskTrainer, Task
+    from .train import MultiTaskTrainer, Task
 
     model_cfg = dict(config.get("model", {}))
     _check_keys(model_cfg, {"path"}, "model (multi-task: heads are set per task)")
@@ -196,21 +207,14 @@ def _run_multitask(config: Dict[str, Any], output_dir: Optional[str], progress: 
                            metrics=tuple(tc.get("metrics", ("accuracy",))), loss_weight=tc.get("loss_weight", 1.0),
                            dropout=tc.get("dropout", 0.1))
     torch.manual_seed(trainer_cfg.get("seed", 0))
-    es = trainer_cfg.pop("early_stopping", None)
-    if isinstance(es, dict):
-        es = EarlyStopping(**es)
+    es = _early_stopping(trainer_cfg)
     out_dir = output_dir or config.get("output_dir")
     trainer = MultiTaskTrainer(AutoModel.from_pretrained(folder), tasks, tokenizer=AutoTokenizer.from_pretrained(folder),
                                early_stopping=es, output_dir=out_dir, progress=progress, **mt_cfg, **trainer_cfg)
     start = time.perf_counter()
     result = trainer.fit()
-    summary = {"best_epoch": result.best_epoch, "stopped_early": result.stopped_early,
-               "global_step": result.global_step, "seconds": round(time.perf_counter() - start, 1),
-               "test": {name: trainer.evaluate(name, data) for name, data in tests.items() if data},
-               "history": result.history, "output_dir": result.output_dir}
-    if out_dir:
-        Path(out_dir, "summary.json").write_text(json.dumps(summary, indent=2))
-    return summary
+    test_metrics = {name: trainer.evaluate(name, data) for name, data in tests.items() if data}
+    return _summary(result, time.perf_counter() - start, test_metrics, out_dir)
 
 
 def _print_summary(summary: Dict[str, Any]) -> None:

@@ -363,17 +363,9 @@ def continue_pretraining(model: nn.Module, domain_text: Any, tokenizer: Any, epo
                          f"*ForCausalLM / *ForMaskedLM model, got {type(model).__name__})")
     _check_tokenizer(tokenizer, model, "continue_pretraining")
     texts = _texts(domain_text, "continue_pretraining")
-    rows = pack_blocks(texts, tokenizer, block_size)
-    if not rows:
+    examples = _lm_examples(texts, tokenizer, kind, block_size, mlm_probability, seed, pack=True)
+    if not examples:
         raise ValueError(f"fastft.continue_pretraining: the domain text has fewer than block_size={block_size} tokens")
-    if kind == "causal":
-        examples = [{"input_ids": r, "labels": list(r)} for r in rows]
-    else:
-        g = torch.Generator().manual_seed(seed)
-        examples = []
-        for r in rows:
-            ids, labels = mask_tokens(torch.tensor([r]), tokenizer, mlm_probability, g)
-            examples.append({"input_ids": ids[0].tolist(), "labels": labels[0].tolist()})
     trainer_kwargs.setdefault("metrics", ())
     trainer_kwargs.setdefault("progress", False)
     trainer = Trainer(model, examples, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed,

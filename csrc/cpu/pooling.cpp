@@ -236,8 +236,7 @@ void pool_backward_kernel(const at::Tensor& grad, const bool* mask, const at::Te
 at::Tensor masked_pool_backward_cpu(const at::Tensor& grad_, const std::optional<at::Tensor>& mask,
                                     const at::Tensor& index, c10::string_view mode_name, int64_t T) {
   const PoolMode mode = parse_pool_mode(std::string_view(mode_name.data(), mode_name.size()));
-  const at::Tensor m = mask.has_value() ? (mask->scalar_type() == at::kBool ? *mask : at::ne(*mask, 0)).contiguous()
-                                        : at::Tensor();
+  const at::Tensor m = bool_mask(mask);
   check_pool_backward_inputs(grad_, m, index, mode, T);
   const at::Tensor grad = grad_.contiguous();
   const at::Tensor idx = index.contiguous();

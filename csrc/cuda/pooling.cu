@@ -256,8 +256,7 @@ at::Tensor masked_pool_backward_cuda(const at::Tensor& grad_, const std::optiona
                                      const at::Tensor& index_, c10::string_view mode_name, int64_t T) {
   const PoolMode mode = parse_pool_mode(std::string_view(mode_name.data(), mode_name.size()));
   c10::cuda::CUDAGuard guard(grad_.device());
-  const at::Tensor m = mask.has_value() ? (mask->scalar_type() == at::kBool ? *mask : at::ne(*mask, 0)).contiguous()
-                                        : at::Tensor();
+  const at::Tensor m = bool_mask(mask);
   check_pool_backward_inputs(grad_, m, index_, mode, T);
   const at::Tensor grad = grad_.contiguous();
   const at::Tensor index = index_.contiguous();

@@ -20,7 +20,7 @@ from ..optim import AdamW
 from .callbacks import EarlyStopping
 from .data import Collator, batch_order, example_length, prepare_examples
 from .metrics import check_metric_names, compute_metrics
-from .trainer import FitResult, _swap_in, _to, optimizer_step
+from .trainer import FitResult, _swap_in, _to, autocast, optimizer_step, warmup_then_decay
 
 __all__ = ["Task", "MultiTaskModel", "MultiTaskTrainer", "SAMPLING", "task_probabilities"]
 
@@ -255,9 +255,7 @@ class MultiTaskTrainer:
         self.steps_per_epoch = sum(math.ceil(len(v) / self.task_batch_size) for v in self.train_examples.values())
         total = self.steps_per_epoch * epochs
         warmup = int(total * warmup_ratio)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda s: (s + 1) / (warmup + 1) if s < warmup else max(0.0, 1 - (s - warmup) / max(
-                1, total - warmup)))
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, warmup_then_decay(total, warmup))
         self.scaler = torch.amp.GradScaler(self.device.type) if precision == "fp16" else None
         self.history: List[Dict[str, float]] = []
         self.global_step = 0
@@ -293,9 +291,7 @@ class MultiTaskTrainer:
     # --- steps ------------------------------------------------------------------------------------
 
     def _autocast(self):
-        if self.precision == "fp32":
-            return torch.autocast(self.device.type, enabled=False)
-        return torch.autocast(self.device.type, dtype=torch.bfloat16 if self.precision == "bf16" else torch.float16)
+        return autocast(self.device, self.precision)
 
     def _task_loss(self, task: str, batch: Dict[str, Tensor]) -> Tensor:
         batch = _to(batch, self.device)

@@ -192,7 +192,8 @@ class Trainer:
                                          / gradient_accumulation)
         self.total_steps = self.steps_per_epoch * epochs
         warmup = int(self.total_steps * warmup_ratio)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_lambda(warmup))
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer,
+                                                           warmup_then_decay(self.total_steps, warmup, scheduler))
         self.scaler = torch.amp.GradScaler(self.device.type) if precision == "fp16" else None
         self._takes_labels = self._forward_takes_labels(model)
 
@@ -208,21 +209,6 @@ class Trainer:
         self.timings: Dict[str, float] = {"data": 0.0, "forward": 0.0, "backward": 0.0, "optimizer": 0.0}
 
     # --- set-up helpers ---------------------------------------------------------------------------
-
-    def _lr_lambda(self, warmup: int) -> Callable[[int], float]:
-        total, name = self.total_steps, self.scheduler_name
-
-        def factor(step: int) -> float:
-            if step < warmup:
-                return (step + 1) / (warmup + 1)
-            if name == "constant":
-                return 1.0
-            progress = (step - warmup) / max(1, total - warmup)
-            if name == "cosine":
-                return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
-            return max(0.0, 1.0 - progress)
-
-        return factor
 
     @staticmethod
     def _forward_takes_labels(model: nn.Module) -> bool:
@@ -250,10 +236,7 @@ class Trainer:
     # --- one batch --------------------------------------------------------------------------------
 
     def _autocast(self):
-        if self.precision == "fp32":
-            return torch.autocast(self.device.type, enabled=False)
-        dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
-        return torch.autocast(self.device.type, dtype=dtype)
+        return autocast(self.device, self.precision)
 
     def _forward(self, batch: Any) -> Tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
         batch = _to(batch, self.device)
@@ -621,6 +604,30 @@ class Trainer:
         fig.tight_layout()
         fig.savefig(self.output_dir / "curves.png", dpi=100)
         plt.close(fig)
+
+
+def warmup_then_decay(total: int, warmup: int, name: str = "linear") -> Callable[[int], float]:
+    """LR factor per step: linear warm-up over ``warmup`` steps, then "linear" / "cosine" decay to 0
+    at ``total`` steps, or "constant"."""
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        if name == "constant":
+            return 1.0
+        progress = (step - warmup) / max(1, total - warmup)
+        if name == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+        return max(0.0, 1.0 - progress)
+
+    return factor
+
+
+def autocast(device: torch.device, precision: str):
+    """The autocast context of ``precision`` ("fp32": off, "bf16", "fp16") on ``device``."""
+    if precision == "fp32":
+        return torch.autocast(device.type, enabled=False)
+    return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
 
 
 def optimizer_step(optimizer, scheduler, scaler=None) -> None:
