@@ -306,8 +306,10 @@ class ForgettingMonitor(Callback):
         self.records.append(dict(record))
 
     def on_fit_end(self, trainer) -> None:
+        from .distributed import is_main_process
+
         out_dir = getattr(trainer, "output_dir", None)
-        if not out_dir or not self.records:
+        if not out_dir or not self.records or not is_main_process():
             return
         try:
             import matplotlib

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import sys
 from collections import defaultdict
 from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple, Union
 
@@ -81,6 +82,30 @@ def _is_dense(t: Tensor) -> bool:
     return True
 
 
+def _is_dtensor(t: Any) -> bool:
+    # No import: a DTensor can only exist once torch.distributed.tensor has been imported.
+    mod = sys.modules.get("torch.distributed.tensor")
+    return mod is not None and isinstance(t, mod.DTensor)
+
+
+def _local(t: Optional[Tensor]) -> Optional[Tensor]:
+    """This process's shard of a DTensor (sharing its memory, so in-place updates land in it); other tensors as they are."""
+    return t.to_local() if _is_dtensor(t) else t
+
+
+def _norm_reduce_dims(g: Tensor) -> Tuple[Any, Tuple[int, ...]]:
+    """For a DTensor gradient: its mesh and the mesh dims whose shards must be summed to get the
+    squared norm of the whole tensor (the Shard dims; Replicate dims hold copies)."""
+    dims = []
+    for d, placement in enumerate(g.placements):
+        if placement.is_partial():
+            raise RuntimeError("fastft.AdamW: a gradient is a DTensor with a Partial placement (not yet reduced); "
+                               "fused clipping needs Shard or Replicate gradients, as FSDP2 and DDP give")
+        if placement.is_shard():
+            dims.append(d)
+    return g.device_mesh, tuple(dims)
+
+
 def _anchor_dtype_for(group: Dict[str, Any], p: Tensor) -> torch.dtype:
     return p.dtype if group["anchor_dtype"] is None else group["anchor_dtype"]
 
@@ -109,6 +134,12 @@ class AdamW(torch.optim.Optimizer):
     * **AMP**: ``step(grad_scale=..., found_inf=...)`` as torch's fused AdamW: gradients are
       unscaled inside the kernel (and written back unscaled), the step is skipped without a host
       sync when ``found_inf`` is set; ``torch.amp.GradScaler`` uses this automatically.
+
+    * **Distributed**: on a DDP model it needs nothing (every rank holds the averaged gradients).
+      On an FSDP2 model (``torch.distributed.fsdp.fully_shard``, parameters are DTensors) the kernel
+      steps each process's local shard, moments and anchors are DTensors sharded like their
+      parameter (so ``torch.distributed.checkpoint`` saves them), and fused clipping all-reduces the
+      squared norm over the shards: the clip equals the unsharded one.
 
     Parameters without a gradient (frozen) are skipped entirely: no state, no anchor, no memory
     traffic. Parameters may be float32, float16, bfloat16 or float64; the math runs in float32
@@ -231,6 +262,12 @@ class AdamW(torch.optim.Optimizer):
                     raise RuntimeError(
                         f"fastft.AdamW does not support sparse gradients (parameter of shape {tuple(p.shape)} in "
                         f"{where}); use torch.optim.SparseAdam or a dense embedding (sparse=False)")
+                if _is_dtensor(p) and (not _is_dtensor(g) or g.placements != p.placements
+                                       or g.device_mesh != p.device_mesh):
+                    raise RuntimeError(
+                        f"fastft.AdamW: a DTensor parameter of shape {tuple(p.shape)} in {where} is placed "
+                        f"{p.placements}, but its gradient is "
+                        f"{g.placements if _is_dtensor(g) else 'a plain tensor'}; they must be sharded alike")
                 if g.dtype != p.dtype or g.device != p.device or g.shape != p.shape:
                     raise RuntimeError(
                         f"fastft.AdamW: the gradient of a parameter in {where} is {g.dtype} {tuple(g.shape)} on "
@@ -240,17 +277,30 @@ class AdamW(torch.optim.Optimizer):
         return plan
 
     def _clip_coefficients(self, plan, grad_scale: Optional[Tensor]) -> Dict[torch.device, Tensor]:
-        """One fused sum of squares per (device, dtype); returns the clip coefficient per device."""
-        by_key: Dict[Tuple[torch.device, torch.dtype], List[Tensor]] = defaultdict(list)
+        """One fused sum of squares per (device, dtype, sharding); returns the clip coefficient per device.
+
+        DTensor gradients (FSDP2) contribute the squares of this process's shard, all-reduced over
+        the mesh dims they are sharded on, so every rank clips by the norm of the whole model.
+        """
+        by_key: Dict[Tuple[torch.device, torch.dtype, Any], List[Tensor]] = defaultdict(list)
         for _, params in plan:
             for p in params:
-                by_key[(p.device, p.dtype)].append(p.grad)
+                sharding = _norm_reduce_dims(p.grad) if _is_dtensor(p.grad) else None
+                by_key[(p.device, p.dtype, sharding)].append(_local(p.grad))
         if not by_key:
             self.last_grad_norm = None
             return {}
         first_device = next(iter(by_key))[0]
-        partial = [_ext.sum_of_squares(grads).to(device=first_device, dtype=torch.float32)
-                   for grads in by_key.values()]
+        partial = []
+        for (_, _, sharding), grads in by_key.items():
+            squares = _ext.sum_of_squares(grads).to(dtype=torch.float32)
+            if sharding is not None:
+                import torch.distributed as dist
+
+                mesh, dims = sharding
+                for d in dims:
+                    dist.all_reduce(squares, group=mesh.get_group(d))
+            partial.append(squares.to(device=first_device))
         norm = torch.stack(partial).sum().sqrt() if len(partial) > 1 else partial[0].sqrt()
         if grad_scale is not None:
             norm = norm / grad_scale.to(device=first_device, dtype=torch.float32)
@@ -310,14 +360,15 @@ class AdamW(torch.optim.Optimizer):
                     if "anchor" not in state:
                         state["anchor"] = p.detach().to(dtype=_anchor_dtype_for(group, p), copy=True)
                     anchor = state["anchor"]
-                g = p.grad
-                fused_ok = _is_dense(p) and all(
-                    t.stride() == p.stride() for t in (g, state["exp_avg"], state["exp_avg_sq"], anchor, state.get(
-                        "max_exp_avg_sq")) if t is not None)
+                # DTensors (FSDP2): the kernel steps this process's shards; the state is sharded alike.
+                tensors = [_local(t) for t in (p, p.grad, state["exp_avg"], state["exp_avg_sq"],
+                                               state.get("max_exp_avg_sq"), state["step"], anchor)]
+                local_p = tensors[0]
+                fused_ok = _is_dense(local_p) and all(
+                    t.stride() == local_p.stride() for i, t in enumerate(tensors) if t is not None and i != 5)
                 key = (p.device, p.dtype, None if anchor is None else anchor.dtype, fused_ok)
                 lists = buckets[key]
-                for i, t in enumerate((p, g, state["exp_avg"], state["exp_avg_sq"],
-                                       state.get("max_exp_avg_sq"), state["step"], anchor)):
+                for i, t in enumerate(tensors):
                     if t is not None:
                         lists[i].append(t)
             beta1, beta2 = group["betas"]

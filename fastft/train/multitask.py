@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from .. import distributed as D
 from ..heads import ClassificationHead, ClassifierOutput, _last_hidden_state
 from ..optim import AdamW
 from .callbacks import EarlyStopping
@@ -98,9 +99,11 @@ class MultiTaskModel(nn.Module):
 
     def forward(self, task: Union[str, Sequence[str]], input_ids: Optional[Tensor] = None,
                 attention_mask: Optional[Tensor] = None, labels: Optional[Tensor] = None,
-                **encoder_kwargs: Any) -> ClassifierOutput:
-        """``task``: one name for the whole batch, or one name per row (a mixed batch; logits are then a
-        list in row order per task, and the loss is the mean over rows)."""
+                loss_weights: Optional[Dict[str, float]] = None, **encoder_kwargs: Any) -> ClassifierOutput:
+        """``task``: one name for the whole batch, or one name per row (a mixed batch: the encoder runs
+        once, each head on its rows; logits are then a dict task -> logits of its rows in row order,
+        and the loss is the mean over rows of each row's cross-entropy times its task's
+        ``loss_weights`` entry, default 1)."""
         if input_ids is not None:
             encoder_kwargs["input_ids"] = input_ids
         if attention_mask is not None:
@@ -113,8 +116,23 @@ class MultiTaskModel(nn.Module):
             if labels is None:
                 return ClassifierOutput(logits=logits)
             return ClassifierOutput(loss=nn.functional.cross_entropy(logits.float(), labels), logits=logits)
-        raise TypeError("fastft.MultiTaskModel: pass one task name per batch (mixed batches go through "
-                        "MultiTaskTrainer)")
+        rows = list(task)
+        if len(rows) != hidden.shape[0]:
+            raise ValueError(f"fastft.MultiTaskModel: {len(rows)} task names for a batch of {hidden.shape[0]} rows; "
+                             "pass one name per row")
+        unknown = sorted(set(rows) - set(self.heads))
+        if unknown:
+            raise KeyError(f"fastft.MultiTaskModel: unknown task(s) {unknown}; tasks: {sorted(self.heads)}")
+        out_logits: Dict[str, Tensor] = {}
+        total = hidden.new_zeros((), dtype=torch.float32)
+        for name in dict.fromkeys(rows):
+            idx = torch.tensor([i for i, t in enumerate(rows) if t == name], device=hidden.device)
+            out_logits[name] = self.heads[name](hidden[idx], None if attention_mask is None else attention_mask[idx])
+            if labels is not None:
+                weight = 1.0 if loss_weights is None else float(loss_weights.get(name, 1.0))
+                loss = nn.functional.cross_entropy(out_logits[name].float(), labels[idx], reduction="sum")
+                total = total + loss * weight
+        return ClassifierOutput(loss=total / len(rows) if labels is not None else None, logits=out_logits)
 
     def save_pretrained(self, path: Union[str, Path]) -> None:
         """The encoder (``save_pretrained`` or ``encoder.safetensors``) and every head
@@ -169,6 +187,11 @@ class MultiTaskTrainer:
     monitor the mean or a named task. One :class:`fastft.AdamW` over everything: L2-to-init
     applies to the encoder (the new heads are not anchored); ``freeze=n`` freezes the encoder's
     embeddings and lowest n blocks.
+
+    Under torchrun it trains data-parallel as :class:`fastft.Trainer` does: every rank draws the
+    same task (or the same mixed rows) from the same seeded sampler and trains on its share of the
+    global ``batch_size``; DDP runs with ``find_unused_parameters`` (the heads of absent tasks get
+    no gradient); validation is sharded and gathered; rank 0 writes.
     """
 
     def __init__(self, encoder: nn.Module, tasks: Dict[str, Task], *, sampling: str = "proportional",
@@ -201,7 +224,13 @@ class MultiTaskTrainer:
         self.tokenizer, self.early_stopping = tokenizer, early_stopping
         self.callbacks: List[Any] = list(callbacks) + ([early_stopping] if early_stopping else [])
         self.output_dir = Path(output_dir) if output_dir else None
-        self.device = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.distributed = D.init_distributed()
+        self.rank, self.world_size = D.get_rank(), D.get_world_size()
+        if batch_size % self.world_size:
+            raise ValueError(f"fastft.MultiTaskTrainer: batch_size is the global batch and must be divisible by the "
+                             f"{self.world_size} processes; got {batch_size}")
+        self.progress = progress and D.is_main_process()
+        self.device = torch.device(device) if device else D.default_device()
 
         self.train_examples: Dict[str, List[Any]] = {}
         self.val_examples: Dict[str, List[Any]] = {}
@@ -257,6 +286,8 @@ class MultiTaskTrainer:
         warmup = int(total * warmup_ratio)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, warmup_then_decay(total, warmup))
         self.scaler = torch.amp.GradScaler(self.device.type) if precision == "fp16" else None
+        #: The module training steps go through (under torchrun the DDP wrapper).
+        self.training_module = D.DDPCache(self.model, self.device, find_unused_parameters=True)
         self.history: List[Dict[str, float]] = []
         self.global_step = 0
         self.should_stop = self.stopped_early = False
@@ -293,42 +324,55 @@ class MultiTaskTrainer:
     def _autocast(self):
         return autocast(self.device, self.precision)
 
-    def _task_loss(self, task: str, batch: Dict[str, Tensor]) -> Tensor:
-        batch = _to(batch, self.device)
-        with self._autocast():
-            out = self.model(task, **batch)
-        return out.loss.float() * float(self.tasks[task].loss_weight)
+    def _shard(self, indices: Sequence[int]):
+        return D.shard(indices, self.rank, self.world_size) if self.distributed else (list(indices), True)
 
-    def _mixed_loss(self) -> Tensor:
-        """A batch whose rows come from tasks drawn one by one: the encoder runs once on all rows."""
+    def _task_loss(self, module: nn.Module, task: str) -> Tensor:
+        """This rank's share of the mean loss of ``task``'s next global batch (replay rows included)."""
+        idx = self._next_batch(task)
+        local, real = self._shard(idx)
+        batch = _to(self.collate([self.train_examples[task][i] for i in local]), self.device)
+        with self._autocast():
+            out = module(task, **batch)
+        total = out.loss.float() * float(self.tasks[task].loss_weight) * (len(local) if real else 0.0)
+        rows = len(idx)
+        if self.replay is not None and self.replay.count(self.batch_size) > 0:
+            r = self.replay.count(self.batch_size)
+            replayed = self.replay.next(r)  # every rank draws the same rows and keeps its share
+            mine, mine_real = self._shard(range(r))
+            with self._autocast():
+                replay_loss = self.replay.loss([replayed[i] for i in mine], self.device)
+            total = total + self.replay.weight * (len(mine) if mine_real else 0.0) * replay_loss
+            rows += r
+        self.task_counts[task] += 1
+        return total / rows
+
+    def _mixed_loss(self, module: nn.Module) -> Tensor:
+        """A batch whose rows come from tasks drawn one by one: the encoder runs once on all rows.
+        Returns this rank's share of the batch's mean loss."""
         rows = []
         for _ in range(self.batch_size):
             task = self._draw_task()
             if not self._row_queue[task]:
                 self._row_queue[task] = self._next_batch(task)
             rows.append((task, self._row_queue[task].pop(0)))
-        examples = [self.train_examples[t][i] for t, i in rows]
-        batch = _to(self.collate(examples), self.device)
-        labels = batch.pop("labels")
+        for task, _ in rows:
+            self.task_counts[task] += 1
+        local, real = self._shard(range(len(rows)))
+        mine = [rows[i] for i in local]
+        batch = _to(self.collate([self.train_examples[t][i] for t, i in mine]), self.device)
+        weights = {name: float(t.loss_weight) for name, t in self.tasks.items()}
         with self._autocast():
-            hidden = _last_hidden_state(self.model.encoder(**batch))
-            mask = batch.get("attention_mask")
-            total = hidden.new_zeros((), dtype=torch.float32)
-            for task in dict.fromkeys(t for t, _ in rows):
-                idx = torch.tensor([i for i, (t, _) in enumerate(rows) if t == task], device=self.device)
-                logits = self.model.heads[task](hidden[idx], None if mask is None else mask[idx])
-                loss = nn.functional.cross_entropy(logits.float(), labels[idx], reduction="sum")
-                total = total + loss * float(self.tasks[task].loss_weight)
-                self.task_counts[task] += len(idx)
-        return total / len(rows)
+            out = module([t for t, _ in mine], **batch, loss_weights=weights)
+        return out.loss * (len(mine) / len(rows) if real else 0.0)
 
     def fit(self) -> FitResult:
         """Train for ``epochs`` (or until early stopping); returns a :class:`fastft.FitResult`."""
         from tqdm.auto import tqdm
 
-        torch.manual_seed(self.seed)
-        np.random.seed(self.seed)
-        if self.output_dir:
+        torch.manual_seed(self.seed + self.rank)  # under torchrun: different dropout masks per rank
+        np.random.seed(self.seed + self.rank)
+        if self.output_dir and D.is_main_process():
             self.output_dir.mkdir(parents=True, exist_ok=True)
         self.model.train()
         for cb in self.callbacks:
@@ -338,27 +382,27 @@ class MultiTaskTrainer:
         for epoch in range(self.epochs):
             run_loss = 0.0
             for _ in range(self.steps_per_epoch):
-                if self.mix:
-                    loss = self._mixed_loss()
-                else:
-                    task = self._draw_task()
-                    idx = self._next_batch(task)
-                    loss = self._task_loss(task, self.collate([self.train_examples[task][i] for i in idx]))
-                    if self.replay is not None and self.replay.count(self.batch_size) > 0:
-                        r = self.replay.count(self.batch_size)
-                        with self._autocast():
-                            replay_loss = self.replay.loss(self.replay.next(r), self.device)
-                        loss = (len(idx) * loss + self.replay.weight * r * replay_loss) / (len(idx) + r)
-                    self.task_counts[task] += 1
-                if not torch.isfinite(loss):
+                module = self.training_module()
+                loss = self._mixed_loss(module) if self.mix else self._task_loss(module, self._draw_task())
+                step_loss = float(loss.detach())
+                nonfinite = 0.0 if math.isfinite(step_loss) else 1.0
+                if self.distributed:  # the global loss, and the same decision on every rank
+                    step_loss, nonfinite = D.all_reduce_sum([step_loss, nonfinite])
+                if nonfinite:
+                    self.optimizer.zero_grad(set_to_none=True)
                     raise FloatingPointError(f"fastft.MultiTaskTrainer: non-finite loss at step {self.global_step + 1}")
-                (self.scaler.scale(loss) if self.scaler else loss).backward()
+                scaled = loss * self.world_size  # DDP averages gradients over the ranks
+                (self.scaler.scale(scaled) if self.scaler else scaled).backward()
                 optimizer_step(self.optimizer, self.scheduler, self.scaler)
                 self.global_step += 1
-                run_loss += float(loss.detach())
+                run_loss += step_loss
                 bar.update(1)
                 for cb in self.callbacks:
-                    getattr(cb, "on_step_end", lambda *a: None)(self, self.global_step, float(loss.detach()))
+                    getattr(cb, "on_step_end", lambda *a: None)(self, self.global_step, step_loss)
+                if self.distributed:
+                    self.should_stop = D.any_rank(self.should_stop)
+                if self.should_stop:
+                    break
             for cb in self.callbacks:
                 getattr(cb, "on_epoch_end", lambda *a: None)(self, epoch)
             record = {"epoch": epoch + 1, "step": self.global_step, "train_loss": run_loss / self.steps_per_epoch,
@@ -367,8 +411,10 @@ class MultiTaskTrainer:
                 record.update({f"val_{k}": v for k, v in self._validate().items()})
                 for cb in self.callbacks:  # may add to the record (e.g. ForgettingMonitor)
                     getattr(cb, "on_evaluate", lambda *a: None)(self, record)
+            if self.distributed:
+                self.should_stop = D.any_rank(self.should_stop)
             self.history.append(record)
-            if self.output_dir:
+            if self.output_dir and D.is_main_process():
                 with open(self.output_dir / "metrics.jsonl", "a") as f:
                     f.write(json.dumps(record) + "\n")
             if self.should_stop:
@@ -376,10 +422,11 @@ class MultiTaskTrainer:
         bar.close()
         for cb in self.callbacks:
             getattr(cb, "on_fit_end", lambda *a: None)(self)
-        if self.output_dir:
+        if self.output_dir and D.is_main_process():
             tmp = self.output_dir / ".model.tmp"
             self.model.save_pretrained(tmp)
             _swap_in(tmp, self.output_dir / "model")
+        D.barrier()
         es = self.early_stopping
         return FitResult(history=list(self.history), best_epoch=es.best_epoch if es else None,
                          best_metric=es.best if es else None, stopped_early=self.stopped_early,
@@ -400,7 +447,8 @@ class MultiTaskTrainer:
 
     @torch.no_grad()
     def evaluate(self, task: str, data: Any = None) -> Dict[str, float]:
-        """Loss and metrics of ``task`` on ``data`` (default: its validation data)."""
+        """Loss and metrics of ``task`` on ``data`` (default: its validation data). Under torchrun each
+        rank evaluates every N-th example and all ranks return the same numbers."""
         if task not in self.tasks:
             raise KeyError(f"fastft.MultiTaskTrainer: unknown task {task!r}; tasks: {sorted(self.tasks)}")
         examples = self.val_examples.get(task) if data is None else _as_dicts(
@@ -410,18 +458,21 @@ class MultiTaskTrainer:
         was = self.model.training
         self.model.eval()
         total, logits_all, labels_all = 0.0, [], []
-        for i in range(0, len(examples), self.batch_size):
-            batch = _to(self.collate(examples[i:i + self.batch_size]), self.device)
+        mine = examples[self.rank::self.world_size]
+        for i in range(0, len(mine), self.batch_size):
+            batch = _to(self.collate(mine[i:i + self.batch_size]), self.device)
             with self._autocast():
                 out = self.model(task, **batch)
             total += float(out.loss) * len(batch["labels"])
             logits_all.append(out.logits.float().cpu())
             labels_all.append(batch["labels"].cpu())
         self.model.train(was)
-        loss = total / len(examples)
+        total, count, logits, labels = D.gather_evaluation(
+            total, len(mine), torch.cat(logits_all) if logits_all else None,
+            torch.cat(labels_all) if labels_all else None)
+        loss = total / count
         res = {"loss": loss}
-        res.update(compute_metrics(tuple(self.tasks[task].metrics), torch.cat(logits_all), torch.cat(labels_all),
-                                   loss))
+        res.update(compute_metrics(tuple(self.tasks[task].metrics), logits, labels, loss))
         return res
 
     @torch.no_grad()

@@ -9,6 +9,7 @@ import os
 import random
 import shutil
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
@@ -17,6 +18,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from .. import distributed as D
 from ..optim import AdamW
 from .callbacks import EarlyStopping
 from .data import Collator, batch_order, example_length, prepare_examples
@@ -102,6 +104,15 @@ class Trainer:
     scikit-learn; ``early_stopping`` stops and restores the best weights. With ``output_dir`` the run
     folder gets ``metrics.jsonl``, an atomic resumable ``checkpoint/`` (every ``checkpoint_every``
     steps and at each evaluation), the final ``model/`` and ``curves.png``.
+
+    Under ``torchrun`` (see :mod:`fastft.distributed`) the same call trains data-parallel: the
+    process group comes from the environment (nccl on GPUs, gloo on CPU), the model is wrapped in
+    DistributedDataParallel, ``batch_size`` is the global batch (each of N ranks takes every N-th
+    example of each batch; N must divide it), gradient accumulation all-reduces only on the last
+    micro-batch (``no_sync``), validation is sharded and its metrics computed from the gathered
+    predictions on every rank (so every rank logs, early-stops and restores the same), and only
+    rank 0 shows progress and writes files. A checkpoint resumes under any world size that divides
+    ``batch_size``.
     """
 
     def __init__(self, model: nn.Module, train_data: Any, val_data: Any = None, *, epochs: int = 3,
@@ -134,14 +145,21 @@ class Trainer:
         metrics = (metrics,) if isinstance(metrics, str) else tuple(metrics)
         check_metric_names(metrics)
 
+        self.distributed = D.init_distributed()
+        self.rank, self.world_size = D.get_rank(), D.get_world_size()
+        if batch_size % self.world_size:
+            raise ValueError(f"fastft.Trainer: batch_size is the global batch and must be divisible by the "
+                             f"{self.world_size} processes (each trains on batch_size / {self.world_size}); got "
+                             f"{batch_size}")
         self.model = model
-        self.device = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.device = torch.device(device) if device else D.default_device()
         self.epochs, self.batch_size, self.gradient_accumulation = epochs, batch_size, gradient_accumulation
         self.eval_batch_size = eval_batch_size or batch_size
         self.metrics, self.precision, self.scheduler_name = metrics, precision, scheduler
         self.warmup_ratio, self.group_by_length, self.eval_every = warmup_ratio, group_by_length, eval_every
         self.loss_fn, self.seed, self.skip_nonfinite = loss_fn, seed, skip_nonfinite
-        self.checkpoint_every, self.progress = checkpoint_every, progress
+        self.checkpoint_every = checkpoint_every
+        self.progress = progress and D.is_main_process()
         self.output_dir = Path(output_dir) if output_dir else None
         self.early_stopping = early_stopping
         self.callbacks: List[Any] = list(callbacks) + ([early_stopping] if early_stopping else [])
@@ -204,6 +222,9 @@ class Trainer:
         self.skipped_steps = 0
         self._position = (0, 0)  # (epoch, next micro-batch) of the next step
         self._run_loss, self._run_count = 0.0, 0  # training loss since the last record
+        #: The module training steps go through (under torchrun the DDP wrapper); its
+        #: ``find_unused_parameters`` may be set True when some trainable parameters sit out some steps.
+        self.training_module = D.DDPCache(model, self.device)
         #: Seconds spent in each part of the training steps so far (host clock; on CUDA the
         #: asynchronous kernels show up where the host waits for them).
         self.timings: Dict[str, float] = {"data": 0.0, "forward": 0.0, "backward": 0.0, "optimizer": 0.0}
@@ -238,16 +259,18 @@ class Trainer:
     def _autocast(self):
         return autocast(self.device, self.precision)
 
-    def _forward(self, batch: Any) -> Tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
+    def _forward(self, batch: Any, module: Optional[nn.Module] = None) -> Tuple[Tensor, Optional[Tensor],
+                                                                                 Optional[Tensor]]:
+        module = self.model if module is None else module
         batch = _to(batch, self.device)
         with self._autocast():
             if isinstance(batch, dict):
                 labels = batch.get("labels")
                 inputs = batch if self._takes_labels else {k: v for k, v in batch.items() if k != "labels"}
-                out = self.model(**inputs)
+                out = module(**inputs)
             else:
                 x, labels = batch
-                out = self.model(x)
+                out = module(x)
         logits = _logits_of(out)
         if self.loss_fn is not None:
             loss = self.loss_fn(out, batch)
@@ -269,7 +292,10 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self, data: Any = None) -> Dict[str, float]:
-        """Loss and metrics on ``data`` (default: the validation data): ``{"loss": ..., "accuracy": ...}``."""
+        """Loss and metrics on ``data`` (default: the validation data): ``{"loss": ..., "accuracy": ...}``.
+
+        Under torchrun each rank evaluates every N-th example and every rank returns the same numbers,
+        computed from the gathered predictions."""
         examples = self.val_examples if data is None else prepare_examples(data, self.tokenizer, None, "data")
         if examples is None:
             raise ValueError("fastft.Trainer.evaluate: no data given and no val_data")
@@ -278,6 +304,7 @@ class Trainer:
         total, count, all_logits, all_labels = 0.0, 0, [], []
         lengths = [example_length(e) for e in examples]
         order = sorted(range(len(examples)), key=lambda i: lengths[i])  # little padding; order does not matter
+        order = order[self.rank::self.world_size]
         for i in range(0, len(order), self.eval_batch_size):
             idx = order[i:i + self.eval_batch_size]
             loss, logits, labels = self._forward(self.collate([examples[j] for j in idx]))
@@ -287,10 +314,13 @@ class Trainer:
                 all_logits.append(logits.float().cpu())
                 all_labels.append(labels.cpu())
         self.model.train(was_training)
+        logits = torch.cat(all_logits) if all_logits else None
+        labels = torch.cat(all_labels) if all_labels else None
+        total, count, logits, labels = D.gather_evaluation(total, count, logits, labels)
         loss = total / count
         result = {"loss": loss}
-        if all_logits:
-            result.update(compute_metrics(self.metrics, torch.cat(all_logits), torch.cat(all_labels), loss))
+        if logits is not None:
+            result.update(compute_metrics(self.metrics, logits, labels, loss))
         elif "perplexity" in self.metrics:
             result.update(compute_metrics(("perplexity",), None, None, loss))
         return result
@@ -317,9 +347,10 @@ class Trainer:
 
     def fit(self) -> FitResult:
         """Train for ``epochs`` (or until early stopping); returns a :class:`FitResult`."""
-        torch.manual_seed(self.seed)
-        random.seed(self.seed)
-        np.random.seed(self.seed)
+        seed = self.seed + self.rank  # under torchrun: different dropout masks per rank
+        torch.manual_seed(seed)
+        random.seed(seed)
+        np.random.seed(seed)
         return self._train()
 
     def resume(self, checkpoint_dir: Optional[str] = None) -> FitResult:
@@ -330,6 +361,12 @@ class Trainer:
         path = self._readable_checkpoint(Path(checkpoint_dir) if checkpoint_dir else None)
         self._load_checkpoint(path)
         return self._train()
+
+    def _check_resumable(self, state: Dict[str, Any], path: Path) -> None:
+        saved = state.get("batch_size")
+        if saved is not None and saved != self.batch_size:
+            raise ValueError(f"fastft.Trainer.resume: {path} was written with batch_size={saved} (the global batch), "
+                             f"this Trainer has batch_size={self.batch_size}; build it with the same arguments")
 
     def _epoch_batches(self, epoch: int) -> List[List[int]]:
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
@@ -342,11 +379,35 @@ class Trainer:
             if fn is not None:
                 fn(self, *args)
 
+    def _micro_loss(self, module: nn.Module, batch_indices: List[int], n_examples: int) -> Tensor:
+        """This rank's share of one micro-batch's loss, scaled so that the shares of all ranks and all
+        micro-batches of a step sum to the mean loss of the step's global batch (replay rows included)."""
+        t_data = time.perf_counter()
+        local, real = D.shard(batch_indices, self.rank, self.world_size) if self.distributed \
+            else (batch_indices, True)
+        batch = self.collate([self.train_examples[i] for i in local])
+        t_fwd = time.perf_counter()
+        loss, _, _ = self._forward(batch, module)
+        total = loss * (len(local) if real else 0.0)
+        rows = len(batch_indices)
+        if self.replay is not None and self.replay.count(self.batch_size) > 0:
+            r = self.replay.count(self.batch_size)
+            replayed = self.replay.next(r)  # every rank draws the same rows and keeps its share
+            mine, mine_real = D.shard(range(r), self.rank, self.world_size) if self.distributed \
+                else (list(range(r)), True)
+            with self._autocast():
+                replay_loss = self.replay.loss([replayed[i] for i in mine], self.device)
+            total = total + self.replay.weight * (len(mine) if mine_real else 0.0) * replay_loss
+            rows += r
+        self.timings["data"] += t_fwd - t_data
+        self.timings["forward"] += time.perf_counter() - t_fwd
+        return total * (len(batch_indices) / (rows * n_examples))
+
     def _train(self) -> FitResult:
         from tqdm.auto import tqdm
 
         self.model.train()
-        if self.output_dir:
+        if self.output_dir and D.is_main_process():
             self.output_dir.mkdir(parents=True, exist_ok=True)
         self.should_stop = False
         self._call("on_fit_start")
@@ -363,35 +424,36 @@ class Trainer:
             while micro < len(batches) and not self.should_stop:
                 group = batches[micro:micro + self.gradient_accumulation]
                 n_examples = sum(len(b) for b in group)
+                module = self.training_module()
                 step_loss, ok = 0.0, True
-                for b in group:
-                    t_data = time.perf_counter()
-                    batch = self.collate([self.train_examples[i] for i in b])
-                    t_fwd = time.perf_counter()
-                    loss, _, _ = self._forward(batch)
-                    if self.replay is not None and self.replay.count(self.batch_size) > 0:
-                        r = self.replay.count(self.batch_size)
-                        with self._autocast():
-                            replay_loss = self.replay.loss(self.replay.next(r), self.device)
-                        loss = (len(b) * loss + self.replay.weight * r * replay_loss) / (len(b) + r)
-                    t_bwd = time.perf_counter()
-                    self.timings["data"] += t_fwd - t_data
-                    self.timings["forward"] += t_bwd - t_fwd
-                    if not torch.isfinite(loss):
+                for k, b in enumerate(group):
+                    # Without the last micro-batch, DDP need not all-reduce: gradients just accumulate.
+                    sync = nullcontext() if not self.distributed or k == len(group) - 1 else module.no_sync()
+                    with sync:
+                        contribution = self._micro_loss(module, b, n_examples)
+                        part, finite = float(contribution.detach()), bool(torch.isfinite(contribution.detach()))
+                        if self.distributed:  # every rank must take the same branch
+                            part, nonfinite = D.all_reduce_sum([part, 0.0 if finite else 1.0])
+                            finite = nonfinite == 0
+                        t_bwd = time.perf_counter()
+                        if finite:
+                            scaled = contribution * self.world_size  # DDP averages gradients over the ranks
+                            (self.scaler.scale(scaled) if self.scaler else scaled).backward()
+                        elif self.distributed:
+                            (contribution * 0.0).backward()  # DDP must finish the reduction it started
+                        self.timings["backward"] += time.perf_counter() - t_bwd
+                    if not finite:
                         if not self.skip_nonfinite:
                             self.optimizer.zero_grad(set_to_none=True)
                             raise FloatingPointError(
-                                f"fastft.Trainer: non-finite loss ({float(loss.detach())}) at optimizer step "
-                                f"{self.global_step + 1} (epoch {epoch + 1}, batch {micro + 1}); nothing was "
+                                f"fastft.Trainer: non-finite loss at optimizer step "
+                                f"{self.global_step + 1} (epoch {epoch + 1}, batch {micro + k + 1}); nothing was "
                                 "updated or saved for this step. Lower the lr, use fp32/bf16, or pass "
                                 "skip_nonfinite=True to skip such batches")
                         self.skipped_steps += 1
                         ok = False
                         break
-                    scaled = loss * (len(b) / n_examples)
-                    (self.scaler.scale(scaled) if self.scaler else scaled).backward()
-                    self.timings["backward"] += time.perf_counter() - t_bwd
-                    step_loss += float(loss.detach()) * len(b) / n_examples
+                    step_loss += part
                 micro += len(group)
                 if not ok:
                     self.optimizer.zero_grad(set_to_none=True)
@@ -408,6 +470,8 @@ class Trainer:
                 bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{self.scheduler.get_last_lr()[0]:.2e}",
                                 ex_s=f"{seen / (time.perf_counter() - t0):.1f}")
                 self._call("on_step_end", self.global_step, step_loss)
+                if self.distributed:
+                    self.should_stop = D.any_rank(self.should_stop)
                 if self.eval_every and self.global_step % self.eval_every == 0 and self.val_examples is not None:
                     self._evaluate_and_record(epoch, self._mean_train_loss())
                 elif self.checkpoint_every and self.global_step % self.checkpoint_every == 0:
@@ -436,7 +500,7 @@ class Trainer:
 
     def _record(self, record: Dict[str, float]) -> None:
         self.history.append(record)
-        if self.output_dir:
+        if self.output_dir and D.is_main_process():
             with open(self.output_dir / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(record) + "\n")
             writer = self._tensorboard()
@@ -462,6 +526,8 @@ class Trainer:
         record = {"epoch": epoch + 1, "step": self.global_step, "train_loss": train_loss,
                   **{f"val_{k}": v for k, v in res.items()}, "lr": self.scheduler.get_last_lr()[0]}
         self._call("on_evaluate", record)  # callbacks may add to the record (e.g. ForgettingMonitor)
+        if self.distributed:
+            self.should_stop = D.any_rank(self.should_stop)
         self._record(record)
         if self.progress:
             shown = ", ".join(f"{k} {v:.4f}" for k, v in record.items() if k.startswith("val_"))
@@ -477,12 +543,13 @@ class Trainer:
             if vals:
                 top = min(vals, key=lambda r: r["val_loss"])
                 best_epoch, best = top["epoch"], top["val_loss"]
-        if self.output_dir:
+        if self.output_dir and D.is_main_process():
             self._save_model(self.output_dir / "model")
             self._plot()
             if getattr(self, "_tb_writer", None) is not None:
                 self._tb_writer.close()
                 del self._tb_writer
+        D.barrier()
         return FitResult(history=list(self.history), best_epoch=best_epoch, best_metric=best,
                          stopped_early=self.stopped_early, global_step=self.global_step,
                          output_dir=str(self.output_dir) if self.output_dir else None,
@@ -504,9 +571,18 @@ class Trainer:
 
     def _save_checkpoint(self) -> None:
         """Write ``output_dir/checkpoint`` atomically: a temporary folder, then renames, so a run
-        killed while saving leaves the previous checkpoint readable (``checkpoint`` or ``checkpoint.old``)."""
+        killed while saving leaves the previous checkpoint readable (``checkpoint`` or ``checkpoint.old``).
+        Under torchrun every rank's RNG states are gathered and rank 0 writes."""
         if not self.output_dir:
             return
+        rng = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state(),
+               "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+        rngs = D.gather_objects(rng)
+        if D.is_main_process():
+            self._write_checkpoint(rngs)
+        D.barrier()  # no rank goes on (or dies) before the checkpoint is complete
+
+    def _write_checkpoint(self, rngs: List[Dict[str, Any]]) -> None:
         from safetensors.torch import save_model
 
         tmp = self.output_dir / f".{CHECKPOINT}.tmp"
@@ -518,15 +594,14 @@ class Trainer:
                     "callbacks": [{"type": type(cb).__qualname__, "state": cb.state_dict()}
                                   for cb in self.callbacks if hasattr(cb, "state_dict")],
                     "replay": self.replay.state_dict() if self.replay is not None else None,
-                    "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
-                            "numpy": np.random.get_state(),
-                            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}},
+                    "rng": rngs[0], "rng_per_rank": rngs},
                    tmp / "state.pt")
         state = {"global_step": self.global_step, "position": list(self._position), "history": self.history,
                  "skipped_steps": self.skipped_steps, "stopped_early": self.stopped_early,
                  "run_loss": self._run_loss, "run_count": self._run_count,
                  "freeze_boundary": getattr(self.freeze_plan, "boundary", None),
-                 "embeddings_frozen": getattr(self.freeze_plan, "embeddings_frozen", None)}
+                 "embeddings_frozen": getattr(self.freeze_plan, "embeddings_frozen", None),
+                 "world_size": self.world_size, "batch_size": self.batch_size}
         (tmp / "trainer_state.json").write_text(json.dumps(state))  # written last: marks a complete checkpoint
         _swap_in(tmp, self.output_dir / CHECKPOINT)
 
@@ -544,6 +619,7 @@ class Trainer:
         from safetensors.torch import load_model
 
         state = json.loads((path / "trainer_state.json").read_text())
+        self._check_resumable(state, path)
         blobs = torch.load(path / "state.pt", map_location="cpu", weights_only=False)
         if self.freeze_plan is not None and state.get("freeze_boundary") is not None:
             if state["freeze_boundary"] == 0 and not state.get("embeddings_frozen", True):
@@ -563,12 +639,21 @@ class Trainer:
                 cb.load_state_dict(match["state"])
         if self.replay is not None and blobs.get("replay") is not None:
             self.replay.load_state_dict(blobs["replay"])
-        rng = blobs["rng"]
-        torch.set_rng_state(rng["torch"])
-        random.setstate(rng["python"])
-        np.random.set_state(rng["numpy"])
-        if rng["cuda"] is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(rng["cuda"])
+        rngs = blobs.get("rng_per_rank") or [blobs["rng"]]
+        if len(rngs) == self.world_size:
+            rng = rngs[self.rank]
+            torch.set_rng_state(rng["torch"])
+            random.setstate(rng["python"])
+            np.random.set_state(rng["numpy"])
+            if rng["cuda"] is not None and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(rng["cuda"])
+        else:
+            # Another world size: data order and updates continue exactly (they depend on the global
+            # batch only); dropout's random stream cannot be mapped across ranks, so it starts afresh.
+            seed = self.seed + 1_000_003 * (state["global_step"] + 1) + self.rank
+            torch.manual_seed(seed)
+            random.seed(seed)
+            np.random.seed(seed % 2**32)
         self.global_step = state["global_step"]
         self._position = tuple(state["position"])
         self.history = state["history"]

@@ -1,0 +1,198 @@
+"""Data-parallel training under ``torch.distributed`` (``torchrun``): the process group, ranks, and
+the few collectives the trainers need.
+
+fastft does no communication of its own: gradients are averaged by
+:class:`torch.nn.parallel.DistributedDataParallel`, sharded optimizer steps by FSDP2, and the
+trainers use ``all_reduce`` / ``all_gather_object`` / ``broadcast_object_list`` for metrics and
+decisions that must agree on every rank. Without a process group (a plain ``python`` run) every
+helper here is the one-process identity, so the same code runs everywhere.
+
+Conventions of the trainers under ``torchrun --nproc_per_node=N``:
+
+* ``batch_size`` is the **global** batch: each rank trains on ``batch_size / N`` examples of it
+  (``N`` must divide ``batch_size``), so a run gives the same updates for every world size and a
+  checkpoint resumes under any world size that divides the batch.
+* every rank computes every metric from the gathered predictions, so all ranks log, early-stop and
+  restore identically; only rank 0 writes files and shows progress.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, List, Sequence, Tuple
+
+import torch
+import torch.distributed as dist
+
+__all__ = ["init_distributed", "is_distributed", "get_rank", "get_world_size", "get_local_rank", "DDPCache",
+           "is_main_process", "barrier", "default_device", "shard", "all_reduce_sum", "any_rank",
+           "gather_objects", "broadcast_object", "gather_evaluation"]
+
+
+def init_distributed(backend: str | None = None) -> bool:
+    """Join the process group ``torchrun`` describes in the environment (``WORLD_SIZE`` > 1).
+
+    The backend is ``nccl`` when CUDA is available (each process then uses ``cuda:LOCAL_RANK``),
+    else ``gloo``. Does nothing when a group exists already (the caller made one) or when the
+    environment describes a single process. Returns True when a group of more than one process runs.
+    """
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size() > 1
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return False
+    if not dist.is_available():
+        raise RuntimeError("fastft: WORLD_SIZE > 1 but this torch build has no torch.distributed")
+    for key in ("RANK", "MASTER_ADDR", "MASTER_PORT"):
+        if key not in os.environ:
+            raise RuntimeError(f"fastft: WORLD_SIZE={os.environ['WORLD_SIZE']} but {key} is not set; launch with "
+                               "torchrun (it sets RANK, LOCAL_RANK, MASTER_ADDR and MASTER_PORT)")
+    if backend is None:
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(get_local_rank())
+    dist.init_process_group(backend)
+    return dist.get_world_size() > 1
+
+
+def is_distributed() -> bool:
+    """True inside a process group of more than one process."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def get_rank() -> int:
+    """This process's rank (0 without a process group)."""
+    return dist.get_rank() if is_distributed() else 0
+
+
+def get_world_size() -> int:
+    """Processes in the group (1 without a process group)."""
+    return dist.get_world_size() if is_distributed() else 1
+
+
+def get_local_rank() -> int:
+    """This process's rank on its machine (``LOCAL_RANK`` from torchrun; 0 otherwise)."""
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def is_main_process() -> bool:
+    """True on rank 0, the process that logs, shows progress and writes files."""
+    return get_rank() == 0
+
+
+def barrier() -> None:
+    """Wait for every rank (a no-op in one process)."""
+    if is_distributed():
+        dist.barrier()
+
+
+def default_device() -> torch.device:
+    """``cuda:LOCAL_RANK`` when CUDA is available (``cuda`` in one process), else ``cpu``."""
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device("cuda", get_local_rank()) if is_distributed() else torch.device("cuda")
+
+
+def shard(indices: Sequence[int], rank: int | None = None, world_size: int | None = None) -> Tuple[List[int], bool]:
+    """This rank's part of a global batch: every ``world_size``-th index from ``rank`` (a batch sorted
+    by length gives each rank similar lengths). Returns ``(indices, real)``; when the batch has fewer
+    indices than ranks, a rank left without one gets ``([indices[0]], False)``: it must still run
+    forward and backward (DDP expects every rank to), with its loss weighted by 0.
+    """
+    rank = get_rank() if rank is None else rank
+    world_size = get_world_size() if world_size is None else world_size
+    mine = list(indices[rank::world_size])
+    if mine:
+        return mine, True
+    if not indices:
+        raise ValueError("fastft: cannot shard an empty batch")
+    return [indices[0]], False
+
+
+def _collective_device() -> torch.device:
+    """Where small tensors for collectives live: the current GPU under nccl, else the CPU."""
+    if is_distributed() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def all_reduce_sum(values: Sequence[float]) -> List[float]:
+    """Sum of ``values`` over all ranks, element-wise, in float64 (identity in one process)."""
+    if not is_distributed():
+        return [float(v) for v in values]
+    t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=_collective_device())
+    dist.all_reduce(t)
+    return t.cpu().tolist()
+
+
+def any_rank(flag: bool) -> bool:
+    """True on every rank when ``flag`` is True on at least one."""
+    if not is_distributed():
+        return bool(flag)
+    return all_reduce_sum([1.0 if flag else 0.0])[0] > 0
+
+
+def gather_objects(obj: Any) -> List[Any]:
+    """``obj`` of every rank, in rank order, on every rank (``[obj]`` in one process)."""
+    if not is_distributed():
+        return [obj]
+    out: List[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def gather_evaluation(loss_sum: float, count: int, logits: torch.Tensor | None,
+                      labels: torch.Tensor | None) -> Tuple[float, int, torch.Tensor | None, torch.Tensor | None]:
+    """Combine the evaluation of a sharded data set: the loss sums and example counts of all ranks
+    added, their (CPU) logits and labels concatenated in rank order. Every rank gets the same values,
+    so metrics computed from them agree everywhere. The identity in one process."""
+    if not is_distributed():
+        return loss_sum, count, logits, labels
+    parts = gather_objects((loss_sum, count, logits, labels))
+    loss_sum, count = sum(p[0] for p in parts), sum(p[1] for p in parts)
+    logits_parts = [p[2] for p in parts if p[2] is not None]
+    labels_parts = [p[3] for p in parts if p[3] is not None]
+    if not logits_parts:
+        return loss_sum, count, None, None
+    return loss_sum, count, torch.cat(logits_parts), torch.cat(labels_parts)
+
+
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    """Rank ``src``'s ``obj`` on every rank (``obj`` itself in one process)."""
+    if not is_distributed():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+class DDPCache:
+    """The module training steps go through: ``model`` itself in one process; under torchrun its
+    :class:`~torch.nn.parallel.DistributedDataParallel` wrapper, rebuilt when the set of trainable
+    parameters changes (DDP fixes it at construction; gradual unfreezing changes it).
+
+    Args:
+        model: the module to train.
+        device: its device (a CUDA device gives DDP ``device_ids``).
+        find_unused_parameters: DDP's flag; True when some trainable parameters sit out some steps
+            (e.g. the heads of the tasks not in a multi-task batch).
+    """
+
+    def __init__(self, model: torch.nn.Module, device: torch.device, find_unused_parameters: bool = False) -> None:
+        self.model, self.device, self.find_unused_parameters = model, device, find_unused_parameters
+        self._ddp: torch.nn.Module | None = None
+        self._trainable: Tuple[bool, ...] | None = None
+
+    def __call__(self) -> torch.nn.Module:
+        if not is_distributed():
+            return self.model
+        trainable = tuple(p.requires_grad for p in self.model.parameters())
+        if self._ddp is None or trainable != self._trainable:
+            from torch.nn.parallel import DistributedDataParallel
+
+            ids = None
+            if self.device.type == "cuda":
+                ids = [self.device.index if self.device.index is not None else torch.cuda.current_device()]
+            self._ddp = DistributedDataParallel(self.model, device_ids=ids,
+                                                find_unused_parameters=self.find_unused_parameters)
+            self._trainable = trainable
+        return self._ddp
