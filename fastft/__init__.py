@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from importlib.metadata import PackageNotFoundError, version as _pkg_version
 
-from . import _ext
+from . import _ext, distributed
 from .optim import AdamW
 from .forgetting import ForgettingMonitor, Replay, continue_pretraining, evaluate_prompting, few_shot_prompt
 from .freezing import (
@@ -28,6 +28,7 @@ except PackageNotFoundError:  # running from a source tree that was never instal
     __version__ = "0.0.0+unknown"
 
 __all__ = [
+    "distributed",
     "AdamW",
     "Callback",
     "ClassificationHead",

@@ -3,6 +3,10 @@
     fastft finetune CONFIG.yaml     fine-tune as the config says (model, data, every Trainer argument)
     fastft demo                     the embedded default: all-MiniLM-L6-v2 on Pang & Lee sentence polarity
     fastft info                     build information as JSON
+
+Under ``torchrun --nproc_per_node=N -m fastft finetune CONFIG.yaml`` every process runs this
+module; the trainers join the process group torchrun describes and train data-parallel, and only
+rank 0 prints and writes.
 """
 
 from __future__ import annotations
@@ -120,8 +124,8 @@ def run_finetune(config: Dict[str, Any], output_dir: Optional[str] = None, progr
     out_dir = output_dir or config.get("output_dir")
     trainer = Trainer(model, train, val, tokenizer=tokenizer, early_stopping=es, output_dir=out_dir,
                       progress=progress, **trainer_cfg)
-    print(f"fastft: fine-tuning {Path(folder).name if folder else folder} on {len(train)} train / {len(val)} val / "
-          f"{len(test)} test examples", flush=True)
+    _say(f"fastft: fine-tuning {Path(folder).name if folder else folder} on {len(train)} train / {len(val)} val / "
+         f"{len(test)} test examples")
     start = time.perf_counter()
     result = trainer.fit()
     test_metrics = trainer.evaluate(test)
@@ -148,8 +152,16 @@ def _domain_adapted_encoder(cfg: Dict[str, Any], folder: str, tokenizer):
     result = continue_pretraining(lm, texts, tokenizer, objective=objective, epochs=cfg.get("epochs", 1),
                                   lr=cfg.get("lr", 1e-5), block_size=cfg.get("block_size", 128),
                                   batch_size=cfg.get("batch_size", 8), seed=cfg.get("seed", 0))
-    print(f"fastft: continued pretraining on {len(texts)} domain texts, {result.global_step} steps", flush=True)
+    _say(f"fastft: continued pretraining on {len(texts)} domain texts, {result.global_step} steps")
     return lm.base_model
+
+
+def _say(message: str) -> None:
+    """Print on rank 0 only (under torchrun every rank runs this module)."""
+    from .distributed import is_main_process
+
+    if is_main_process():
+        print(message, flush=True)
 
 
 def _early_stopping(trainer_cfg: Dict[str, Any]):
@@ -165,7 +177,9 @@ def _summary(result, seconds: float, test_metrics: Dict[str, Any], out_dir: Opti
     summary = {"best_epoch": result.best_epoch, "stopped_early": result.stopped_early,
                "global_step": result.global_step, "seconds": round(seconds, 1), "test": test_metrics,
                "history": result.history, "output_dir": result.output_dir}
-    if out_dir:
+    from .distributed import is_main_process
+
+    if out_dir and is_main_process():
         Path(out_dir, "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
 
@@ -260,7 +274,11 @@ def main(argv: Optional[List[str]] = None) -> int:
             raise SystemExit(f"fastft finetune: {args.config} must hold a mapping (model, data, trainer, output_dir)")
     else:
         config = DEMO_CONFIG
-    _print_summary(run_finetune(config, output_dir=args.output_dir, progress=not args.no_progress))
+    from .distributed import is_main_process
+
+    summary = run_finetune(config, output_dir=args.output_dir, progress=not args.no_progress)
+    if is_main_process():
+        _print_summary(summary)
     return 0
 
 

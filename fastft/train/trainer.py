@@ -112,7 +112,10 @@ class Trainer:
     micro-batch (``no_sync``), validation is sharded and its metrics computed from the gathered
     predictions on every rank (so every rank logs, early-stops and restores the same), and only
     rank 0 shows progress and writes files. A checkpoint resumes under any world size that divides
-    ``batch_size``.
+    ``batch_size``. ``find_unused_parameters`` is DDP's flag: True (the default) lets a model train
+    whose forward leaves some trainable parameters without a gradient (a Hugging Face encoder's
+    pooler under a fastft head, say); False spares DDP a walk over the autograd graph per step when
+    every trainable parameter gets one.
     """
 
     def __init__(self, model: nn.Module, train_data: Any, val_data: Any = None, *, epochs: int = 3,
@@ -126,7 +129,7 @@ class Trainer:
                  eval_batch_size: Optional[int] = None, loss_fn: Optional[Callable[[Any, Any], Tensor]] = None,
                  num_labels: Optional[int] = None, callbacks: Sequence[Any] = (), seed: int = 0,
                  skip_nonfinite: bool = False, checkpoint_every: Optional[int] = None, progress: bool = True,
-                 device: Optional[str] = None, replay: Any = None) -> None:
+                 device: Optional[str] = None, replay: Any = None, find_unused_parameters: bool = True) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"fastft.Trainer: model must be an nn.Module, got {type(model).__name__}")
         for name, value, low in (("epochs", epochs, 1), ("batch_size", batch_size, 1),
@@ -222,9 +225,8 @@ class Trainer:
         self.skipped_steps = 0
         self._position = (0, 0)  # (epoch, next micro-batch) of the next step
         self._run_loss, self._run_count = 0.0, 0  # training loss since the last record
-        #: The module training steps go through (under torchrun the DDP wrapper); its
-        #: ``find_unused_parameters`` may be set True when some trainable parameters sit out some steps.
-        self.training_module = D.DDPCache(model, self.device)
+        #: The module training steps go through (under torchrun the DDP wrapper).
+        self.training_module = D.DDPCache(model, self.device, find_unused_parameters=find_unused_parameters)
         #: Seconds spent in each part of the training steps so far (host clock; on CUDA the
         #: asynchronous kernels show up where the host waits for them).
         self.timings: Dict[str, float] = {"data": 0.0, "forward": 0.0, "backward": 0.0, "optimizer": 0.0}
