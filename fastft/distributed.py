@@ -102,9 +102,10 @@ def default_device() -> torch.device:
 
 def shard(indices: Sequence[int], rank: int | None = None, world_size: int | None = None) -> Tuple[List[int], bool]:
     """This rank's part of a global batch: every ``world_size``-th index from ``rank`` (a batch sorted
-    by length gives each rank similar lengths). Returns ``(indices, real)``; when the batch has fewer
-    indices than ranks, a rank left without one gets ``([indices[0]], False)``: it must still run
-    forward and backward (DDP expects every rank to), with its loss weighted by 0.
+    by length gives each rank similar lengths; one process gets the whole batch). Returns
+    ``(indices, real)``; when the batch has fewer indices than ranks, a rank left without one gets
+    ``([indices[0]], False)``: it must still run forward and backward (DDP expects every rank to),
+    with its loss weighted by 0.
     """
     rank = get_rank() if rank is None else rank
     world_size = get_world_size() if world_size is None else world_size

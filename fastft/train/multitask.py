@@ -325,7 +325,7 @@ class MultiTaskTrainer:
         return autocast(self.device, self.precision)
 
     def _shard(self, indices: Sequence[int]):
-        return D.shard(indices, self.rank, self.world_size) if self.distributed else (list(indices), True)
+        return D.shard(indices, self.rank, self.world_size)
 
     def _task_loss(self, module: nn.Module, task: str) -> Tensor:
         """This rank's share of the mean loss of ``task``'s next global batch (replay rows included)."""

@@ -385,8 +385,7 @@ class Trainer:
         """This rank's share of one micro-batch's loss, scaled so that the shares of all ranks and all
         micro-batches of a step sum to the mean loss of the step's global batch (replay rows included)."""
         t_data = time.perf_counter()
-        local, real = D.shard(batch_indices, self.rank, self.world_size) if self.distributed \
-            else (batch_indices, True)
+        local, real = D.shard(batch_indices, self.rank, self.world_size)
         batch = self.collate([self.train_examples[i] for i in local])
         t_fwd = time.perf_counter()
         loss, _, _ = self._forward(batch, module)
@@ -395,8 +394,7 @@ class Trainer:
         if self.replay is not None and self.replay.count(self.batch_size) > 0:
             r = self.replay.count(self.batch_size)
             replayed = self.replay.next(r)  # every rank draws the same rows and keeps its share
-            mine, mine_real = D.shard(range(r), self.rank, self.world_size) if self.distributed \
-                else (list(range(r)), True)
+            mine, mine_real = D.shard(range(r), self.rank, self.world_size)
             with self._autocast():
                 replay_loss = self.replay.loss([replayed[i] for i in mine], self.device)
             total = total + self.replay.weight * (len(mine) if mine_real else 0.0) * replay_loss
