@@ -359,7 +359,9 @@ class Trainer:
         """Continue a run from its checkpoint (default: ``output_dir/checkpoint``): model, optimizer
         (anchors included), scheduler, scaler, callbacks, RNG states and data position are restored,
         so on CPU the run ends bit-identical to an uninterrupted one. Build this Trainer with the
-        same arguments as the interrupted one."""
+        same arguments as the interrupted one. Under torchrun every rank calls it; any world size
+        that divides ``batch_size`` continues the same data order and updates (the same world size
+        also restores each rank's RNG state; another one reseeds them, so dropout masks differ)."""
         path = self._readable_checkpoint(Path(checkpoint_dir) if checkpoint_dir else None)
         self._load_checkpoint(path)
         return self._train()
