@@ -224,10 +224,26 @@ def _fsdp_steps(result_file, mode):
     assert isinstance(p0, DTensor)
     assert all(isinstance(state[k], DTensor) for k in ("exp_avg", "exp_avg_sq", "anchor"))
     assert state["anchor"].to_local().shape == p0.to_local().shape  # anchors are kept per shard
+    # torch.distributed.checkpoint saves the sharded state (anchors included) and loads it back.
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+
+    dcp.save(get_optimizer_state_dict(sharded, opt), checkpoint_id=f"{result_file}.dcp")
+    fresh = fastft.AdamW(sharded.parameters(), **kw)
+    loaded = get_optimizer_state_dict(sharded, fresh)
+    dcp.load(loaded, checkpoint_id=f"{result_file}.dcp")
+    set_optimizer_state_dict(sharded, fresh, loaded)
+    for p in sharded.parameters():
+        for k in ("exp_avg", "exp_avg_sq", "anchor", "step"):
+            assert torch.equal(_local(fresh.state[p][k]), _local(opt.state[p][k])), k
     last_bias = list(sharded.parameters())[-1]
     full = {k: (v.full_tensor() if isinstance(v, DTensor) else v) for k, v in sharded.state_dict().items()}
     torch.save({"full": full, "reference": reference.state_dict(), "norms": norms,
                 "bias_shard": tuple(last_bias.to_local().shape)}, f"{result_file}.{rank}")
+
+
+def _local(t):
+    return t.to_local() if hasattr(t, "to_local") else t
 
 
 @pytest.mark.parametrize("mode", ["decoupled", "coupled"])
