@@ -89,7 +89,7 @@ def _is_dtensor(t: Any) -> bool:
 
 
 def _local(t: Optional[Tensor]) -> Optional[Tensor]:
-    """This process's shard of a DTensor (sharing its memory, so in-place updates land in it); other tensors as they are."""
+    """This process's shard of a DTensor (sharing its memory: in-place updates land in it); others as they are."""
     return t.to_local() if _is_dtensor(t) else t
 
 
