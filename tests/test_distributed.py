@@ -113,6 +113,30 @@ def test_two_processes_train_like_one_with_the_same_global_batch(tmp_path):
     assert (tmp_path / "run" / "checkpoint" / "trainer_state.json").is_file()
 
 
+def _stopping_trainer():
+    # No accuracy can improve by more than 1: the second evaluation stops the run and epoch 1's weights return.
+    return _trainer(epochs=4, early_stopping=fastft.EarlyStopping(patience=1, monitor="val_accuracy", min_delta=1.0))
+
+
+def _stop_early_and_save(result_file):
+    trainer = _stopping_trainer()
+    result = trainer.fit()
+    torch.save({"weights": _weights(trainer.model), "stopped": result.stopped_early, "best": result.best_epoch,
+                "evaluations": len(result.history)}, f"{result_file}.{D.get_rank()}")
+
+
+def test_early_stopping_is_decided_alike_on_every_rank(tmp_path):
+    launch(_stop_early_and_save, str(tmp_path / "res"))
+    single = _stopping_trainer()
+    expected = single.fit()
+    for rank in (0, 1):
+        got = torch.load(tmp_path / f"res.{rank}")
+        assert got["stopped"] and expected.stopped_early
+        assert got["best"] == expected.best_epoch == 1 and got["evaluations"] == len(expected.history) == 2
+        for key, want in _weights(single.model).items():  # the restored best weights
+            torch.testing.assert_close(got["weights"][key], want, rtol=1e-5, atol=1e-6)
+
+
 class _Kill(fastft.Callback):
     def __init__(self, at_step):
         self.at_step = at_step
