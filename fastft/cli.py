@@ -274,11 +274,12 @@ def main(argv: Optional[List[str]] = None) -> int:
             raise SystemExit(f"fastft finetune: {args.config} must hold a mapping (model, data, trainer, output_dir)")
     else:
         config = DEMO_CONFIG
-    from .distributed import is_main_process
+    from . import distributed
 
     summary = run_finetune(config, output_dir=args.output_dir, progress=not args.no_progress)
-    if is_main_process():
+    if distributed.is_main_process():
         _print_summary(summary)
+    distributed.shutdown()
     return 0
 
 

@@ -32,7 +32,7 @@ from typing import Any, List, Sequence, Tuple
 import torch
 import torch.distributed as dist
 
-__all__ = ["init_distributed", "is_distributed", "get_rank", "get_world_size", "get_local_rank", "DDPCache",
+__all__ = ["init_distributed", "shutdown", "is_distributed", "get_rank", "get_world_size", "get_local_rank", "DDPCache",
            "is_main_process", "barrier", "default_device", "shard", "all_reduce_sum", "any_rank",
            "gather_objects", "broadcast_object", "gather_evaluation"]
 
@@ -60,6 +60,16 @@ def init_distributed(backend: str | None = None) -> bool:
         torch.cuda.set_device(get_local_rank())
     dist.init_process_group(backend)
     return dist.get_world_size() > 1
+
+
+def shutdown() -> None:
+    """Leave the process group together: a barrier, then ``destroy_process_group``. Call it at the end
+    of a torchrun script (``fastft finetune`` does): a rank that tears its connections down while
+    another still finishes its last collective can make that one abort. A no-op without a group."""
+    if dist.is_available() and dist.is_initialized():
+        if dist.get_world_size() > 1:
+            dist.barrier()
+        dist.destroy_process_group()
 
 
 def is_distributed() -> bool:

@@ -29,14 +29,12 @@ def _free_port() -> int:
 
 
 def _worker(rank, world_size, port, fn, args):
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1",
+    # CPU and gloo on every machine, a GPU one included: these tests are about the semantics.
+    os.environ.update(CUDA_VISIBLE_DEVICES="", RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    try:
-        fn(*args)
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+    fn(*args)
+    D.shutdown()
 
 
 def launch(fn, *args, world_size=2):
@@ -71,7 +69,7 @@ TRAIN, VAL = _data(69, 1), _data(21, 2)  # 69: the last global batch (5) splits 
 
 def _trainer(out_dir=None, dropout=0.0, **kw):
     args = dict(epochs=3, batch_size=8, lr=3e-2, l2_init=0.1, gradient_accumulation=2, max_grad_norm=0.5,
-                metrics=("accuracy", "f1_macro"), progress=False, output_dir=out_dir, seed=3)
+                metrics=("accuracy", "f1_macro"), progress=False, output_dir=out_dir, seed=3, device="cpu")
     args.update(kw)
     return fastft.Trainer(Features(dropout), TRAIN, VAL, **args)
 
@@ -195,7 +193,7 @@ def _bad_batch():
         _trainer(batch_size=7)
     with pytest.raises(ValueError, match="divisible by the 2 processes"):
         fastft.MultiTaskTrainer(Encoder(), {"a": fastft.Task(train=[([1, 2], 0)])}, batch_size=5, hidden_size=8,
-                                progress=False)
+                                progress=False, device="cpu")
 
 
 def test_a_batch_the_processes_cannot_split_is_refused():
@@ -210,6 +208,7 @@ def test_shard_gives_every_rank_a_part():
     with pytest.raises(ValueError):
         D.shard([], 0, 2)
     assert not D.is_distributed() and D.get_world_size() == 1 and D.is_main_process()
+    D.shutdown()  # no group: nothing to leave
     assert D.all_reduce_sum([1.5, 2]) == [1.5, 2.0]
 
 
@@ -318,7 +317,7 @@ def _multitask(mix):
                               loss_weight=0.5)}
     torch.manual_seed(1)
     return fastft.MultiTaskTrainer(Encoder(), tasks, batch_size=6, epochs=2, lr=5e-2, l2_init=0.1, mix=mix,
-                                   hidden_size=8, progress=False, seed=4)
+                                   hidden_size=8, progress=False, seed=4, device="cpu")
 
 
 def _multitask_and_save(result_file, mix):
@@ -372,7 +371,7 @@ def test_torchrun_cli_finetune(tmp_path):
            "trainer": {"epochs": 2, "batch_size": 8, "lr": 1e-3, "metrics": ["accuracy"], "checkpoint_every": 2},
            "output_dir": str(tmp_path / "run")}
     (tmp_path / "job.yaml").write_text(yaml.safe_dump(cfg))
-    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", CUDA_VISIBLE_DEVICES="")
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
                            "--master_port", str(_free_port()), "-m", "fastft", "finetune",
                            str(tmp_path / "job.yaml"), "--no-progress"],
@@ -407,7 +406,7 @@ class Stack(nn.Module):
 
 def _thawing():
     trainer = fastft.Trainer(Stack(), TRAIN, VAL, epochs=2, batch_size=8, lr=3e-2, freeze=2, progress=False,
-                             find_unused_parameters=False)
+                             find_unused_parameters=False, device="cpu")
     trainer.callbacks.append(fastft.GradualUnfreezing(trainer.freeze_plan, every=2, unit="step"))
     return trainer
 
@@ -445,7 +444,7 @@ def _replay_trainer():
     general = [f"the weather in city {letters[i % 26]} was mild" for i in range(30)]
     replay = fastft.Replay(general, ratio=0.25, tokenizer=tok, max_length=16)
     return fastft.Trainer(model, [{"input_ids": ids, "labels": list(ids)} for ids in task], epochs=2, batch_size=8,
-                          lr=1e-3, metrics=(), replay=replay, progress=False, tokenizer=tok)
+                          lr=1e-3, metrics=(), replay=replay, progress=False, tokenizer=tok, device="cpu")
 
 
 def _replay_and_save(result_file):
