@@ -12,10 +12,9 @@ Conventions of the trainers under ``torchrun --nproc_per_node=N``:
 * ``batch_size`` is the **global** batch: each rank trains on ``batch_size / N`` examples of it
   (``N`` must divide ``batch_size``), so a run gives the same updates for every world size and a
   checkpoint resumes under any world size that divides the batch.
-* a rank's loss is weighted by its share of the batch's rows (as gradient accumulation weighs
-  micro-batches), so for per-example losses (classification, regression) the averaged gradient is
-  exactly the full batch's; for token-mean losses (language modelling) it is exact when the ranks
-  hold equally many target tokens, and otherwise weighs rows rather than tokens.
+* a rank's loss is weighted by its share of the step's loss terms (rows; target tokens for
+  token-level labels, see ``fastft.train.data.loss_terms``), as gradient accumulation weighs
+  micro-batches: the averaged gradient is the whole batch's, token-mean LM losses included.
 * the data order is the one-process order (seeded per epoch), and rank r takes every N-th example
   of each global batch from r on: the role of ``DistributedSampler``, but after batching, so
   length-grouped batches stay intact and N processes make the same updates as one.

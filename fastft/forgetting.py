@@ -199,6 +199,27 @@ class Replay:
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         return _lm_loss(self.lm, _pad(examples, pad, device)).float()
 
+    def targets(self, example: Dict[str, Any]) -> int:
+        """Target tokens of a replay example (the terms of its token-mean LM loss)."""
+        from .train.data import loss_terms
+
+        return loss_terms(example, causal=self.kind == "causal")
+
+    def loss_share(self, examples: List[Dict[str, Any]], device: torch.device, total_targets: Optional[int] = None,
+                   rank: int = 0, world_size: int = 1) -> Tensor:
+        """This rank's share of the token-mean LM loss over ``examples`` (every rank's rows): the
+        loss of its rows (every ``world_size``-th from ``rank``) times their target tokens over
+        ``total_targets`` (default: the tokens of all ``examples``). Summed over the ranks (and over
+        the micro-batches whose tokens ``total_targets`` counts) it is the token-mean loss of all rows."""
+        from .distributed import shard
+
+        mine, real = shard(range(len(examples)), rank, world_size)
+        rows = [examples[i] for i in mine]
+        if total_targets is None:
+            total_targets = sum(self.targets(e) for e in examples)
+        local = sum(self.targets(e) for e in rows) if real else 0
+        return self.loss(rows, device) * (local / max(total_targets, 1))
+
     def state_dict(self) -> Dict[str, Any]:
         return {"order": self._order, "pass": self._pass, "pos": self._pos, "seen": self.seen}
 

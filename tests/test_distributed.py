@@ -442,13 +442,14 @@ def _replay_trainer():
     cfg = transformers.GPT2Config(vocab_size=tok.vocab_size, n_embd=16, n_layer=2, n_head=2, n_positions=32,
                                   resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
     model = transformers.GPT2LMHeadModel(cfg)
-    # Texts of equal token counts: a rank's share of a token-mean loss is then exactly its share of rows.
-    letters = "abcdefghijklmnopqrstuvwxyz"
-    task = [tok(f"film {letters[i % 26]} was {'good' if i % 3 else 'bad'}")["input_ids"] for i in range(40)]
-    general = [f"the weather in city {letters[i % 26]} was mild" for i in range(30)]
+    # Texts of different token counts: the ranks' shares are weighted by target tokens, not rows.
+    task = [tok(f"film {i} was {'good and moving' if i % 3 else 'bad'}" + " really" * (i % 4))["input_ids"]
+            for i in range(40)]
+    general = [f"the weather in city {i} was mild" + " and dry" * (i % 3) for i in range(30)]
     replay = fastft.Replay(general, ratio=0.25, tokenizer=tok, max_length=16)
     return fastft.Trainer(model, [{"input_ids": ids, "labels": list(ids)} for ids in task], epochs=2, batch_size=8,
-                          lr=1e-3, metrics=(), replay=replay, progress=False, tokenizer=tok, device="cpu")
+                          gradient_accumulation=2, lr=1e-3, metrics=(), replay=replay, progress=False, tokenizer=tok,
+                          device="cpu")
 
 
 def _replay_and_save(result_file):
@@ -457,12 +458,13 @@ def _replay_and_save(result_file):
     torch.save({"weights": _weights(trainer.model), "seen": trainer.replay.seen}, f"{result_file}.{D.get_rank()}")
 
 
-def test_replay_two_processes_train_like_one(tmp_path):
+def test_token_losses_and_replay_two_processes_train_like_one(tmp_path):
     single = _replay_trainer()
     single.fit()
     launch(_replay_and_save, str(tmp_path / "res"))
     r0, r1 = (torch.load(tmp_path / f"res.{r}") for r in (0, 1))
-    assert r0["seen"] == r1["seen"] == single.replay.seen == 2 * single.global_step
+    micro_batches = sum(len(single._epoch_batches(epoch)) for epoch in range(2))
+    assert r0["seen"] == r1["seen"] == single.replay.seen == 2 * micro_batches
     for key, want in _weights(single.model).items():
         torch.testing.assert_close(r0["weights"][key], want, rtol=1e-5, atol=1e-6)
         assert torch.equal(r0["weights"][key], r1["weights"][key])

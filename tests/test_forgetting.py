@@ -222,3 +222,19 @@ def test_texts_with_nothing_to_predict_are_dropped(tok):
         fastft.Replay(["."] * 4, ratio=0.5, tokenizer=one_token_for_short).bind(tiny_gpt2(), None)
     with pytest.raises(ValueError, match="too short"):
         fastft.ForgettingMonitor(["!"] * 4, tokenizer=one_token_for_short).setup(tiny_gpt2())
+
+
+def test_accumulation_equals_the_whole_batch_for_token_losses_with_replay(tok):
+    # Texts of different token counts: micro-batches are weighted by target tokens, not rows.
+    def run(batch_size, accumulation):
+        replay = fastft.Replay(GENERAL, ratio=0.25, tokenizer=tok, max_length=20)
+        trainer = fastft.Trainer(tiny_gpt2(), lm_task(tok), epochs=1, batch_size=batch_size,
+                                 gradient_accumulation=accumulation, lr=1e-3, metrics=(), replay=replay,
+                                 group_by_length=False, warmup_ratio=0.0, scheduler="constant", progress=False)
+        trainer.fit()
+        return trainer
+
+    whole, split = run(8, 1), run(4, 2)
+    assert whole.global_step == split.global_step == 8 and whole.replay.seen == split.replay.seen == 16
+    for p, q in zip(whole.model.parameters(), split.model.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-5)

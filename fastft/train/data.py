@@ -8,7 +8,7 @@ from typing import Any, Dict, List, Optional, Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["prepare_examples", "Collator", "batch_order", "example_length"]
+__all__ = ["prepare_examples", "Collator", "batch_order", "example_length", "loss_terms"]
 
 
 def _is_text(x: Any) -> bool:
@@ -53,6 +53,21 @@ def example_length(example: Any) -> int:
         return len(ids) if ids is not None else 1
     x = example[0]
     return int(x.shape[0]) if isinstance(x, Tensor) and x.dim() >= 1 else 1
+
+
+def loss_terms(example: Any, causal: bool = False) -> int:
+    """How many terms an example adds to a model's own mean loss: its target tokens when its labels
+    are a sequence (labels other than -100; after the one-token shift of a causal LM), else 1.
+
+    The trainers weigh each micro-batch and each rank by these counts, so a token-mean loss over a
+    step's whole batch comes out the same however the batch is split (accumulation, processes).
+    """
+    if isinstance(example, dict):
+        labels = example.get("labels")
+        if labels is not None and _is_sequence(labels):
+            labels = torch.as_tensor(labels)
+            return int((labels[1:] if causal else labels).ne(-100).sum())
+    return 1
 
 
 def batch_order(lengths: Sequence[int], batch_size: int, generator: torch.Generator, shuffle: bool,

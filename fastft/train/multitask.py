@@ -334,18 +334,16 @@ class MultiTaskTrainer:
         batch = _to(self.collate([self.train_examples[task][i] for i in local]), self.device)
         with self._autocast():
             out = module(task, **batch)
-        total = out.loss.float() * float(self.tasks[task].loss_weight) * (len(local) if real else 0.0)
-        rows = len(idx)
-        if self.replay is not None and self.replay.count(self.batch_size) > 0:
-            r = self.replay.count(self.batch_size)
+        r = self.replay.count(self.batch_size) if self.replay is not None else 0
+        rows = len(idx) + r
+        total = out.loss.float() * float(self.tasks[task].loss_weight) * ((len(local) if real else 0.0) / rows)
+        if r:
             replayed = self.replay.next(r)  # every rank draws the same rows and keeps its share
-            mine, mine_real = self._shard(range(r))
             with self._autocast():
-                replay_loss = self.replay.loss([replayed[i] for i in mine], self.device)
-            total = total + self.replay.weight * (len(mine) if mine_real else 0.0) * replay_loss
-            rows += r
+                total = total + self.replay.weight * r / rows * self.replay.loss_share(
+                    replayed, self.device, rank=self.rank, world_size=self.world_size)
         self.task_counts[task] += 1
-        return total / rows
+        return total
 
     def _mixed_loss(self, module: nn.Module) -> Tensor:
         """A batch whose rows come from tasks drawn one by one: the encoder runs once on all rows.

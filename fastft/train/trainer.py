@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from .. import distributed as D
 from ..optim import AdamW
 from .callbacks import EarlyStopping
-from .data import Collator, batch_order, example_length, prepare_examples
+from .data import Collator, batch_order, example_length, loss_terms, prepare_examples
 from .metrics import check_metric_names, compute_metrics
 
 __all__ = ["Trainer", "FitResult"]
@@ -98,7 +98,9 @@ class Trainer:
     ``l2_init``; fused clipping from ``max_grad_norm``), linear warm-up over ``warmup_ratio`` of the
     steps then ``scheduler`` decay ("linear", "cosine", "constant"), ``gradient_accumulation``,
     ``precision`` "fp32" / "bf16" / "fp16" (autocast; GradScaler for fp16), ``freeze=n`` (the lowest
-    n blocks and the embeddings, see :func:`fastft.freeze_layers`), ``layerwise_lr_decay``.
+    n blocks and the embeddings, see :func:`fastft.freeze_layers`), ``layerwise_lr_decay``. Micro-batches
+    are weighted by their loss terms (rows; target tokens for token-level labels, as in language
+    modelling), so an accumulated step equals one on the whole batch.
 
     Validation every epoch (or every ``eval_every`` optimizer steps) with ``metrics`` from
     scikit-learn; ``early_stopping`` stops and restores the best weights. With ``output_dir`` the run
@@ -178,6 +180,12 @@ class Trainer:
         pad_id = getattr(tokenizer, "pad_token_id", None) or 0
         self.collate = Collator(pad_token_id=pad_id)
         self.train_lengths = [example_length(e) for e in self.train_examples]
+        from ..forgetting import lm_kind
+
+        # Terms of the model's own mean loss per example (target tokens for token-level labels): the
+        # weights that make a step's loss the same however its batch is split (see _micro_loss).
+        causal = lm_kind(model) == "causal"
+        self.train_terms = [1 if loss_fn is not None else loss_terms(e, causal) for e in self.train_examples]
 
         self.replay = replay
         self.task_batch_size = batch_size
@@ -383,27 +391,28 @@ class Trainer:
             if fn is not None:
                 fn(self, *args)
 
-    def _micro_loss(self, module: nn.Module, batch_indices: List[int], n_examples: int) -> Tensor:
-        """This rank's share of one micro-batch's loss, scaled so that the shares of all ranks and all
-        micro-batches of a step sum to the mean loss of the step's global batch (replay rows included)."""
+    def _micro_loss(self, module: nn.Module, batch_indices: List[int], task_scale: float,
+                    replayed: Optional[List[Any]] = None, replay_scale: float = 0.0,
+                    replay_terms: int = 1) -> Tensor:
+        """This rank's share of one micro-batch's loss. The model's mean loss over this rank's rows is
+        weighted by their loss terms (rows, or target tokens for token-level labels) times
+        ``task_scale``; replay rows likewise (``replay_scale`` over ``replay_terms``). The caller picks
+        the scales so that the shares of all ranks and micro-batches of a step sum to the loss of the
+        step's whole batch, computed at once."""
         t_data = time.perf_counter()
         local, real = D.shard(batch_indices, self.rank, self.world_size)
         batch = self.collate([self.train_examples[i] for i in local])
         t_fwd = time.perf_counter()
         loss, _, _ = self._forward(batch, module)
-        total = loss * (len(local) if real else 0.0)
-        rows = len(batch_indices)
-        if self.replay is not None and self.replay.count(self.batch_size) > 0:
-            r = self.replay.count(self.batch_size)
-            replayed = self.replay.next(r)  # every rank draws the same rows and keeps its share
-            mine, mine_real = D.shard(range(r), self.rank, self.world_size)
+        terms = sum(self.train_terms[i] for i in local) if real else 0
+        total = loss * (terms * task_scale)
+        if replayed:
             with self._autocast():
-                replay_loss = self.replay.loss([replayed[i] for i in mine], self.device)
-            total = total + self.replay.weight * (len(mine) if mine_real else 0.0) * replay_loss
-            rows += r
+                total = total + replay_scale * self.replay.loss_share(replayed, self.device, replay_terms, self.rank,
+                                                                      self.world_size)
         self.timings["data"] += t_fwd - t_data
         self.timings["forward"] += time.perf_counter() - t_fwd
-        return total * (len(batch_indices) / (rows * n_examples))
+        return total
 
     def _train(self) -> FitResult:
         from tqdm.auto import tqdm
@@ -427,12 +436,22 @@ class Trainer:
                 group = batches[micro:micro + self.gradient_accumulation]
                 n_examples = sum(len(b) for b in group)
                 module = self.training_module()
+                # The step's loss: the model's mean loss over all its task rows (token-mean for token
+                # labels), mixed by rows with the replay rows' LM loss (see fastft.Replay).
+                task_terms = max(sum(self.train_terms[i] for b in group for i in b), 1)
+                r = self.replay.count(self.batch_size) if self.replay is not None else 0
+                replayed = [self.replay.next(r) if r else None for _ in group]
+                replay_rows = r * len(group)
+                replay_terms = sum(self.replay.targets(e) for rows in replayed if rows for e in rows)
+                task_scale = n_examples / (n_examples + replay_rows) / task_terms
+                replay_scale = self.replay.weight * replay_rows / (n_examples + replay_rows) if r else 0.0
                 step_loss, ok = 0.0, True
                 for k, b in enumerate(group):
                     # Without the last micro-batch, DDP need not all-reduce: gradients just accumulate.
                     sync = nullcontext() if not self.distributed or k == len(group) - 1 else module.no_sync()
                     with sync:
-                        contribution = self._micro_loss(module, b, n_examples)
+                        contribution = self._micro_loss(module, b, task_scale, replayed[k], replay_scale,
+                                                        replay_terms)
                         part, finite = float(contribution.detach()), bool(torch.isfinite(contribution.detach()))
                         if self.distributed:  # every rank must take the same branch
                             part, nonfinite = D.all_reduce_sum([part, 0.0 if finite else 1.0])
