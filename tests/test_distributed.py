@@ -263,6 +263,8 @@ def _fsdp_steps(result_file, mode):
     for p in sharded.parameters():
         for k in ("exp_avg", "exp_avg_sq", "anchor", "step"):
             assert torch.equal(_local(fresh.state[p][k]), _local(opt.state[p][k])), k
+    with pytest.raises(ValueError, match="DTensors"):  # the Trainer wraps whole models in DDP, says so
+        fastft.Trainer(sharded, [(torch.zeros(7), 0.0)] * 4, batch_size=2, progress=False, device="cpu")
     last_bias = list(sharded.parameters())[-1]
     full = {k: (v.full_tensor() if isinstance(v, DTensor) else v) for k, v in sharded.state_dict().items()}
     torch.save({"full": full, "reference": reference.state_dict(), "norms": norms,

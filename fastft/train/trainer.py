@@ -134,6 +134,13 @@ class Trainer:
                  device: Optional[str] = None, replay: Any = None, find_unused_parameters: bool = True) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"fastft.Trainer: model must be an nn.Module, got {type(model).__name__}")
+        from ..optim import _is_dtensor
+
+        if any(_is_dtensor(p) for p in model.parameters()):
+            raise ValueError("fastft.Trainer: the model's parameters are DTensors (sharded with FSDP2 or tensor "
+                             "parallelism); the Trainer trains data-parallel with DDP on a whole model. Pass the "
+                             "unsharded model under torchrun, or drive the sharded one with fastft.AdamW in your "
+                             "own loop")
         for name, value, low in (("epochs", epochs, 1), ("batch_size", batch_size, 1),
                                  ("gradient_accumulation", gradient_accumulation, 1)):
             if not isinstance(value, int) or value < low:
