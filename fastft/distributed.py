@@ -3,7 +3,7 @@ the few collectives the trainers need.
 
 fastft does no communication of its own: gradients are averaged by
 :class:`torch.nn.parallel.DistributedDataParallel`, sharded optimizer steps by FSDP2, and the
-trainers use ``all_reduce`` / ``all_gather_object`` / ``broadcast_object_list`` for metrics and
+trainers use ``all_reduce`` / ``all_gather_object`` / ``barrier`` for metrics and
 decisions that must agree on every rank. Without a process group (a plain ``python`` run) every
 helper here is the one-process identity, so the same code runs everywhere.
 
@@ -33,7 +33,7 @@ import torch.distributed as dist
 
 __all__ = ["init_distributed", "shutdown", "is_distributed", "get_rank", "get_world_size", "get_local_rank", "DDPCache",
            "is_main_process", "barrier", "default_device", "shard", "all_reduce_sum", "any_rank",
-           "gather_objects", "broadcast_object", "gather_evaluation"]
+           "gather_objects", "gather_evaluation"]
 
 
 def init_distributed(backend: str | None = None) -> bool:
@@ -172,15 +172,6 @@ def gather_evaluation(loss_sum: float, count: int, logits: torch.Tensor | None,
     if not logits_parts:
         return loss_sum, count, None, None
     return loss_sum, count, torch.cat(logits_parts), torch.cat(labels_parts)
-
-
-def broadcast_object(obj: Any, src: int = 0) -> Any:
-    """Rank ``src``'s ``obj`` on every rank (``obj`` itself in one process)."""
-    if not is_distributed():
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=src)
-    return box[0]
 
 
 class DDPCache:

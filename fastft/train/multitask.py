@@ -384,8 +384,8 @@ class MultiTaskTrainer:
                 loss = self._mixed_loss(module) if self.mix else self._task_loss(module, self._draw_task())
                 step_loss = float(loss.detach())
                 nonfinite = 0.0 if math.isfinite(step_loss) else 1.0
-                if self.distributed:  # the global loss, and the same decision on every rank
-                    step_loss, nonfinite = D.all_reduce_sum([step_loss, nonfinite])
+                # The global loss, and the same decision on every rank (identity in one process).
+                step_loss, nonfinite = D.all_reduce_sum([step_loss, nonfinite])
                 if nonfinite:
                     self.optimizer.zero_grad(set_to_none=True)
                     raise FloatingPointError(f"fastft.MultiTaskTrainer: non-finite loss at step {self.global_step + 1}")
@@ -397,8 +397,7 @@ class MultiTaskTrainer:
                 bar.update(1)
                 for cb in self.callbacks:
                     getattr(cb, "on_step_end", lambda *a: None)(self, self.global_step, step_loss)
-                if self.distributed:
-                    self.should_stop = D.any_rank(self.should_stop)
+                self.should_stop = D.any_rank(self.should_stop)
                 if self.should_stop:
                     break
             for cb in self.callbacks:
@@ -409,8 +408,7 @@ class MultiTaskTrainer:
                 record.update({f"val_{k}": v for k, v in self._validate().items()})
                 for cb in self.callbacks:  # may add to the record (e.g. ForgettingMonitor)
                     getattr(cb, "on_evaluate", lambda *a: None)(self, record)
-            if self.distributed:
-                self.should_stop = D.any_rank(self.should_stop)
+            self.should_stop = D.any_rank(self.should_stop)
             self.history.append(record)
             if self.output_dir and D.is_main_process():
                 with open(self.output_dir / "metrics.jsonl", "a") as f:

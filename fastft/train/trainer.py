@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import distributed as D
-from ..optim import AdamW
+from ..optim import AdamW, _is_dtensor
 from .callbacks import EarlyStopping
 from .data import Collator, batch_order, example_length, loss_terms, prepare_examples
 from .metrics import check_metric_names, compute_metrics
@@ -54,22 +54,20 @@ class FitResult:
     skipped_steps: int = 0
 
 
+def _field(out: Any, name: str) -> Optional[Tensor]:
+    """``out.<name>`` or ``out[name]`` of a model output (a ModelOutput, dataclass or dict); None if absent."""
+    value = getattr(out, name, None)
+    if value is None and isinstance(out, dict):
+        value = out.get(name)
+    return value
+
+
 def _logits_of(out: Any) -> Optional[Tensor]:
-    if isinstance(out, Tensor):
-        return out
-    logits = getattr(out, "logits", None)
-    if logits is None and isinstance(out, dict):
-        logits = out.get("logits")
-    return logits
+    return out if isinstance(out, Tensor) else _field(out, "logits")
 
 
 def _loss_of(out: Any) -> Optional[Tensor]:
-    if isinstance(out, Tensor):
-        return None
-    loss = getattr(out, "loss", None)
-    if loss is None and isinstance(out, dict):
-        loss = out.get("loss")
-    return loss
+    return None if isinstance(out, Tensor) else _field(out, "loss")
 
 
 def _num_labels_of(model: nn.Module) -> Optional[int]:
@@ -134,8 +132,6 @@ class Trainer:
                  device: Optional[str] = None, replay: Any = None, find_unused_parameters: bool = True) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"fastft.Trainer: model must be an nn.Module, got {type(model).__name__}")
-        from ..optim import _is_dtensor
-
         if any(_is_dtensor(p) for p in model.parameters()):
             raise ValueError("fastft.Trainer: the model's parameters are DTensors (sharded with FSDP2 or tensor "
                              "parallelism); the Trainer trains data-parallel with DDP on a whole model. Pass the "
@@ -460,9 +456,9 @@ class Trainer:
                         contribution = self._micro_loss(module, b, task_scale, replayed[k], replay_scale,
                                                         replay_terms)
                         part, finite = float(contribution.detach()), bool(torch.isfinite(contribution.detach()))
-                        if self.distributed:  # every rank must take the same branch
-                            part, nonfinite = D.all_reduce_sum([part, 0.0 if finite else 1.0])
-                            finite = nonfinite == 0
+                        # Summed over the ranks (identity in one process): every rank takes the same branch.
+                        part, nonfinite = D.all_reduce_sum([part, 0.0 if finite else 1.0])
+                        finite = nonfinite == 0
                         t_bwd = time.perf_counter()
                         if finite:
                             scaled = contribution * self.world_size  # DDP averages gradients over the ranks
@@ -498,8 +494,7 @@ class Trainer:
                 bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{self.scheduler.get_last_lr()[0]:.2e}",
                                 ex_s=f"{seen / (time.perf_counter() - t0):.1f}")
                 self._call("on_step_end", self.global_step, step_loss)
-                if self.distributed:
-                    self.should_stop = D.any_rank(self.should_stop)
+                self.should_stop = D.any_rank(self.should_stop)
                 if self.eval_every and self.global_step % self.eval_every == 0 and self.val_examples is not None:
                     self._evaluate_and_record(epoch, self._mean_train_loss())
                 elif self.checkpoint_every and self.global_step % self.checkpoint_every == 0:
@@ -554,8 +549,7 @@ class Trainer:
         record = {"epoch": epoch + 1, "step": self.global_step, "train_loss": train_loss,
                   **{f"val_{k}": v for k, v in res.items()}, "lr": self.scheduler.get_last_lr()[0]}
         self._call("on_evaluate", record)  # callbacks may add to the record (e.g. ForgettingMonitor)
-        if self.distributed:
-            self.should_stop = D.any_rank(self.should_stop)
+        self.should_stop = D.any_rank(self.should_stop)
         self._record(record)
         if self.progress:
             shown = ", ".join(f"{k} {v:.4f}" for k, v in record.items() if k.startswith("val_"))
