@@ -10,7 +10,8 @@
 #include <algorithm>
 #include <cmath>
 
-#include "../common.h"
+#include "../adamw.h"
+#include "isa.h"
 
 namespace fastft {
 namespace {
@@ -89,32 +90,18 @@ void adamw_chunk_generic(scalar_t* p, scalar_t* g, scalar_t* m, scalar_t* v, sca
   adamw_loop<scalar_t, anchor_t, opmath_t, AMSGRAD, STORE_GRAD, ANCHOR>(p, g, m, v, vmax, a, n, c);
 }
 
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define FASTFT_HAVE_AVX2 1
-// The same loop compiled for AVX2 + FMA, chosen at run time; the wheel itself targets baseline x86-64.
+#ifdef FASTFT_CPU_DISPATCH
+// The same loop compiled for AVX2 + FMA and for AVX-512 (see isa.h).
 template <typename scalar_t, typename anchor_t, typename opmath_t, bool AMSGRAD, bool STORE_GRAD, bool ANCHOR>
-__attribute__((target("avx2,fma,f16c"))) void adamw_chunk_avx2(scalar_t* p, scalar_t* g, scalar_t* m, scalar_t* v,
-                                                              scalar_t* vmax, const anchor_t* a, int64_t n,
-                                                              const StepConsts<opmath_t>& c) {
+FASTFT_TARGET_AVX2 void adamw_chunk_avx2(scalar_t* p, scalar_t* g, scalar_t* m, scalar_t* v, scalar_t* vmax,
+                                         const anchor_t* a, int64_t n, const StepConsts<opmath_t>& c) {
   adamw_loop<scalar_t, anchor_t, opmath_t, AMSGRAD, STORE_GRAD, ANCHOR>(p, g, m, v, vmax, a, n, c);
 }
 
 template <typename scalar_t, typename anchor_t, typename opmath_t, bool AMSGRAD, bool STORE_GRAD, bool ANCHOR>
-__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma,f16c,prefer-vector-width=512"))) void adamw_chunk_avx512(
-    scalar_t* p, scalar_t* g, scalar_t* m, scalar_t* v, scalar_t* vmax, const anchor_t* a, int64_t n,
-    const StepConsts<opmath_t>& c) {
+FASTFT_TARGET_AVX512 void adamw_chunk_avx512(scalar_t* p, scalar_t* g, scalar_t* m, scalar_t* v, scalar_t* vmax,
+                                             const anchor_t* a, int64_t n, const StepConsts<opmath_t>& c) {
   adamw_loop<scalar_t, anchor_t, opmath_t, AMSGRAD, STORE_GRAD, ANCHOR>(p, g, m, v, vmax, a, n, c);
-}
-
-bool cpu_has_avx512() {
-  static const bool has = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-                          __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
-  return has;
-}
-
-bool cpu_has_avx2() {
-  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  return has;
 }
 #endif
 
@@ -145,7 +132,7 @@ void adamw_group(const std::vector<at::Tensor>& params, const std::vector<at::Te
   }
   const auto work = make_work(params);
   auto chunk_fn = &adamw_chunk_generic<scalar_t, anchor_t, opmath_t, AMSGRAD, STORE_GRAD, ANCHOR>;
-#ifdef FASTFT_HAVE_AVX2
+#ifdef FASTFT_CPU_DISPATCH
   if (cpu_has_avx512()) chunk_fn = &adamw_chunk_avx512<scalar_t, anchor_t, opmath_t, AMSGRAD, STORE_GRAD, ANCHOR>;
   else if (cpu_has_avx2()) chunk_fn = &adamw_chunk_avx2<scalar_t, anchor_t, opmath_t, AMSGRAD, STORE_GRAD, ANCHOR>;
 #endif
@@ -242,9 +229,9 @@ __attribute__((always_inline)) inline acc_t sum_sq_loop(const scalar_t* x, int64
 template <typename scalar_t, typename acc_t>
 acc_t sum_sq_generic(const scalar_t* x, int64_t n) { return sum_sq_loop<scalar_t, acc_t>(x, n); }
 
-#ifdef FASTFT_HAVE_AVX2
+#ifdef FASTFT_CPU_DISPATCH
 template <typename scalar_t, typename acc_t>
-__attribute__((target("avx2,fma,f16c"))) acc_t sum_sq_avx2(const scalar_t* x, int64_t n) {
+FASTFT_TARGET_AVX2 acc_t sum_sq_avx2(const scalar_t* x, int64_t n) {
   return sum_sq_loop<scalar_t, acc_t>(x, n);
 }
 #endif
@@ -259,7 +246,7 @@ at::Tensor sum_of_squares_cpu(at::TensorList tensors_) {
     using acc_t = at::opmath_type<scalar_t>;
     const auto work = make_work(tensors);
     auto fn = &sum_sq_generic<scalar_t, acc_t>;
-#ifdef FASTFT_HAVE_AVX2
+#ifdef FASTFT_CPU_DISPATCH
     if (cpu_has_avx2()) fn = &sum_sq_avx2<scalar_t, acc_t>;
 #endif
     // Partial sums per work item, added in a fixed order: the result does not depend on the thread count.

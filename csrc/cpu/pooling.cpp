@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "../pooling.h"
+#include "isa.h"
 
 namespace fastft {
 namespace {
@@ -44,20 +45,14 @@ void max_row_generic(acc_t* best, int64_t* arg, const scalar_t* x, int64_t n, in
   max_row(best, arg, x, n, t);
 }
 
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define FASTFT_POOL_AVX2 1
+#ifdef FASTFT_CPU_DISPATCH
 template <typename scalar_t, typename acc_t>
-__attribute__((target("avx2,fma,f16c"))) void add_row_avx2(acc_t* acc, const scalar_t* x, int64_t n) {
+FASTFT_TARGET_AVX2 void add_row_avx2(acc_t* acc, const scalar_t* x, int64_t n) {
   add_row(acc, x, n);
 }
 template <typename scalar_t, typename acc_t>
-__attribute__((target("avx2,fma,f16c"))) void max_row_avx2(acc_t* best, int64_t* arg, const scalar_t* x, int64_t n,
-                                                           int64_t t) {
+FASTFT_TARGET_AVX2 void max_row_avx2(acc_t* best, int64_t* arg, const scalar_t* x, int64_t n, int64_t t) {
   max_row(best, arg, x, n, t);
-}
-bool pool_cpu_has_avx2() {
-  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  return has;
 }
 #endif
 
@@ -113,8 +108,8 @@ void pool_forward_kernel(const at::Tensor& hidden, const bool* mask, PoolMode mo
   int64_t* ip = mode == PoolMode::Max ? index.mutable_data_ptr<int64_t>() : nullptr;
   auto add_fn = &add_row_generic<scalar_t, acc_t>;
   auto max_fn = &max_row_generic<scalar_t, acc_t>;
-#ifdef FASTFT_POOL_AVX2
-  if (pool_cpu_has_avx2()) {
+#ifdef FASTFT_CPU_DISPATCH
+  if (cpu_has_avx2()) {
     add_fn = &add_row_avx2<scalar_t, acc_t>;
     max_fn = &max_row_avx2<scalar_t, acc_t>;
   }

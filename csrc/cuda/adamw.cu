@@ -8,26 +8,13 @@
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
-#include "../common.h"
+#include "../adamw.h"
 #include "multi_tensor_apply.cuh"
+#include "vec.cuh"
 
 namespace fastft {
 namespace cuda {
 namespace {
-
-// NOTE [alignment]: the fast path moves 16 bytes per load (VEC elements of the parameter dtype) and is
-// taken by a block only when every pointer of its chunk is aligned to its vector width; kChunkSize is
-// a multiple of every VEC, so chunk starts keep the alignment of the tensor start. The last n % VEC
-// elements, and unaligned chunks, take the scalar path.
-template <typename T, int N>
-struct alignas(sizeof(T) * N) Vec {
-  T val[N];
-};
-
-template <typename T, int N>
-__device__ __forceinline__ bool is_aligned(const void* ptr) {
-  return reinterpret_cast<uintptr_t>(ptr) % (sizeof(T) * N) == 0;
-}
 
 struct AdamWHyper {
   double lr, beta1, beta2, weight_decay, eps, l2_init;
@@ -116,23 +103,24 @@ __global__ void __launch_bounds__(kBlockSize) adamw_l2init_kernel(TensorListMeta
   if (aligned) {
     const int nvec = n / VEC;
     for (int i = threadIdx.x; i < nvec; i += blockDim.x) {
-      auto rp = reinterpret_cast<Vec<scalar_t, VEC>*>(p)[i];
-      auto rg = reinterpret_cast<Vec<scalar_t, VEC>*>(g)[i];
-      auto rm = reinterpret_cast<Vec<scalar_t, VEC>*>(m)[i];
-      auto rv = reinterpret_cast<Vec<scalar_t, VEC>*>(v)[i];
+      const int e = i * VEC;
+      auto rp = load_vec<scalar_t, VEC>(p + e);
+      auto rg = load_vec<scalar_t, VEC>(g + e);
+      auto rm = load_vec<scalar_t, VEC>(m + e);
+      auto rv = load_vec<scalar_t, VEC>(v + e);
       Vec<anchor_t, VEC> ra;
-      if constexpr (ANCHOR) ra = reinterpret_cast<const Vec<anchor_t, VEC>*>(a)[i];
+      if constexpr (ANCHOR) ra = load_vec<anchor_t, VEC>(a + e);
       Vec<scalar_t, VEC> rvmax;
-      if constexpr (AMSGRAD) rvmax = reinterpret_cast<Vec<scalar_t, VEC>*>(vmax)[i];
+      if constexpr (AMSGRAD) rvmax = load_vec<scalar_t, VEC>(vmax + e);
 #pragma unroll
       for (int k = 0; k < VEC; ++k)
         adamw_element<scalar_t, anchor_t, opmath_t, AMSGRAD, STORE_GRAD, ANCHOR>(rp.val[k], rg.val[k], rm.val[k],
                                                                                  rv.val[k], rvmax.val[k], ra.val[k], c);
-      reinterpret_cast<Vec<scalar_t, VEC>*>(p)[i] = rp;
-      if constexpr (STORE_GRAD) reinterpret_cast<Vec<scalar_t, VEC>*>(g)[i] = rg;
-      reinterpret_cast<Vec<scalar_t, VEC>*>(m)[i] = rm;
-      reinterpret_cast<Vec<scalar_t, VEC>*>(v)[i] = rv;
-      if constexpr (AMSGRAD) reinterpret_cast<Vec<scalar_t, VEC>*>(vmax)[i] = rvmax;
+      store_vec(p + e, rp);
+      if constexpr (STORE_GRAD) store_vec(g + e, rg);
+      store_vec(m + e, rm);
+      store_vec(v + e, rv);
+      if constexpr (AMSGRAD) store_vec(vmax + e, rvmax);
     }
     scalar_from = nvec * VEC;
   }
@@ -173,7 +161,7 @@ __global__ void __launch_bounds__(kBlockSize) sum_of_squares_kernel(TensorListMe
   if (is_aligned<scalar_t, VEC>(x)) {
     const int nvec = n / VEC;
     for (int i = threadIdx.x; i < nvec; i += blockDim.x) {
-      const auto r = reinterpret_cast<const Vec<scalar_t, VEC>*>(x)[i];
+      const auto r = load_vec<scalar_t, VEC>(x + i * VEC);
 #pragma unroll
       for (int k = 0; k < VEC; ++k) {
         const acc_t e = static_cast<acc_t>(r.val[k]);

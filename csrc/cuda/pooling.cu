@@ -9,6 +9,7 @@
 #include <torch/library.h>
 
 #include "../pooling.h"
+#include "vec.cuh"
 
 namespace fastft {
 namespace cuda {
@@ -16,25 +17,6 @@ namespace {
 
 constexpr int kLanes = 32;  // threadIdx.x: feature lanes
 constexpr int kWarps = 8;   // threadIdx.y: token groups (forward) / rows (backward)
-
-template <typename T, int N>
-struct alignas(sizeof(T) * N) Vec {
-  T val[N];
-};
-
-// NOTE [alignment]: a kernel instance moves VEC consecutive features per load/store. VEC > 1 is
-// launched only when the feature stride is 1, H and the token / batch strides are multiples of VEC
-// and the base pointer is aligned to VEC elements, so every vector access is aligned; otherwise VEC = 1.
-template <typename scalar_t, int VEC>
-__device__ __forceinline__ Vec<scalar_t, VEC> load_vec(const scalar_t* p, int64_t stride) {
-  Vec<scalar_t, VEC> r;
-  if constexpr (VEC == 1) {
-    r.val[0] = p[0];
-  } else {
-    r = *reinterpret_cast<const Vec<scalar_t, VEC>*>(p);
-  }
-  return r;
-}
 
 // Forward of mean and max. Block (kLanes, kWarps) covers kLanes * VEC features of one row b; warp y
 // walks tokens y, y + kWarps, ...; the warps' partial results meet in shared memory.
@@ -67,7 +49,7 @@ __global__ void __launch_bounds__(kLanes* kWarps) pool_mean_max_kernel(const sca
     if (row != nullptr && !row[t]) continue;
     ++count;
     if (!active) continue;
-    const auto v = load_vec<scalar_t, VEC>(xb + t * sT, sH);
+    const auto v = load_vec<scalar_t, VEC>(xb + t * sT);
 #pragma unroll
     for (int k = 0; k < VEC; ++k) {
       const acc_t e = static_cast<acc_t>(VEC == 1 ? v.val[0] : v.val[k]);
@@ -180,7 +162,7 @@ __global__ void __launch_bounds__(kLanes* kWarps) pool_backward_kernel(const sca
     const scalar_t* gb = g + b * H;
     scalar_t* o = gx + r * H;
     for (int64_t h = static_cast<int64_t>(threadIdx.x) * VEC; h < H; h += kLanes * VEC) {
-      const auto gv = load_vec<scalar_t, VEC>(gb + h, 1);
+      const auto gv = load_vec<scalar_t, VEC>(gb + h);
       Vec<scalar_t, VEC> ov;
 #pragma unroll
       for (int k = 0; k < VEC; ++k) {
@@ -188,24 +170,20 @@ __global__ void __launch_bounds__(kLanes* kWarps) pool_backward_kernel(const sca
         const bool hit = whole_row ? true : index[b * H + h + k] == t;
         ov.val[k] = static_cast<scalar_t>(whole_row ? e * scale : (hit ? e : acc_t(0)));
       }
-      if constexpr (VEC == 1) {
-        o[h] = ov.val[0];
-      } else {
-        *reinterpret_cast<Vec<scalar_t, VEC>*>(o + h) = ov;
-      }
+      store_vec(o + h, ov);
     }
   }
 }
 
-template <typename scalar_t>
-bool vector_ok(const at::Tensor& t, int vec) {
-  // The innermost stride is 1, every other stride and the size of the last dim are multiples of
-  // vec, and the data pointer is aligned to vec elements.
+// Whether the kernels may move VEC consecutive features at a time through t: the innermost stride is 1,
+// every other stride and the size of the last dim are multiples of VEC, and the data pointer is aligned.
+template <typename scalar_t, int VEC>
+bool vector_ok(const at::Tensor& t) {
   const auto d = t.dim();
-  if (t.stride(d - 1) != 1 || t.size(d - 1) % vec != 0) return false;
+  if (t.stride(d - 1) != 1 || t.size(d - 1) % VEC != 0) return false;
   for (int64_t i = 0; i + 1 < d; ++i)
-    if (t.stride(i) % vec != 0) return false;
-  return reinterpret_cast<uintptr_t>(t.const_data_ptr<scalar_t>()) % (sizeof(scalar_t) * vec) == 0;
+    if (t.stride(i) % VEC != 0) return false;
+  return is_aligned<scalar_t, VEC>(t.const_data_ptr<scalar_t>());
 }
 
 std::tuple<at::Tensor, at::Tensor> masked_pool_cuda(const at::Tensor& hidden, const std::optional<at::Tensor>& mask,
@@ -246,7 +224,7 @@ std::tuple<at::Tensor, at::Tensor> masked_pool_cuda(const at::Tensor& hidden, co
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     };
     constexpr int kVec = 16 / sizeof(scalar_t);
-    if (vector_ok<scalar_t>(hidden, kVec)) launch(std::integral_constant<int, kVec>{});
+    if (vector_ok<scalar_t, kVec>(hidden)) launch(std::integral_constant<int, kVec>{});
     else launch(std::integral_constant<int, 1>{});
   });
   return {out, index};
@@ -277,7 +255,8 @@ at::Tensor masked_pool_backward_cuda(const at::Tensor& grad_, const std::optiona
     constexpr int kVec = 16 / sizeof(scalar_t);
     const scalar_t* g = grad.const_data_ptr<scalar_t>();
     scalar_t* o = gx.mutable_data_ptr<scalar_t>();
-    if (H % kVec == 0 && reinterpret_cast<uintptr_t>(g) % 16 == 0)
+    // grad and d hidden are contiguous [B, H] / [B, T, H]: aligned bases and H % kVec == 0 align every row.
+    if (H % kVec == 0 && is_aligned<scalar_t, kVec>(g) && is_aligned<scalar_t, kVec>(o))
       pool_backward_kernel<scalar_t, kVec><<<blocks, block, 0, stream>>>(g, mp, cp, ip, static_cast<int>(mode), B, T,
                                                                          H, o);
     else

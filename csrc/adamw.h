@@ -1,9 +1,10 @@
-// Shared argument checks for the fastft kernels (CPU and CUDA implementations call the same ones,
-// so both fail with the same message before touching any memory).
+// Argument checks of the AdamW family (adamw_l2init_ and sum_of_squares): the CPU and CUDA kernels
+// call the same ones, so both fail with the same message before touching any memory.
 #pragma once
 
 #include <torch/types.h>
 
+#include <optional>
 #include <vector>
 
 namespace fastft {
