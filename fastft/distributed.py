@@ -26,6 +26,7 @@ Conventions of the trainers under ``torchrun --nproc_per_node=N``:
 from __future__ import annotations
 
 import os
+import sys
 from typing import Any, List, Sequence, Tuple
 
 import torch
@@ -33,7 +34,7 @@ import torch.distributed as dist
 
 __all__ = ["init_distributed", "shutdown", "is_distributed", "get_rank", "get_world_size", "get_local_rank", "DDPCache",
            "is_main_process", "barrier", "default_device", "shard", "all_reduce_sum", "any_rank",
-           "gather_objects", "gather_evaluation"]
+           "gather_objects", "gather_evaluation", "is_dtensor"]
 
 
 def init_distributed(backend: str | None = None) -> bool:
@@ -107,6 +108,15 @@ def default_device() -> torch.device:
     if not torch.cuda.is_available():
         return torch.device("cpu")
     return torch.device("cuda", get_local_rank()) if is_distributed() else torch.device("cuda")
+
+
+def is_dtensor(t: Any) -> bool:
+    """True when ``t`` is a ``torch.distributed.tensor.DTensor`` (an FSDP2 parameter, gradient or
+    state tensor), False for anything else (plain tensors, None). Never imports
+    ``torch.distributed.tensor``: a DTensor can only exist once it has been imported.
+    """
+    mod = sys.modules.get("torch.distributed.tensor")
+    return mod is not None and isinstance(t, mod.DTensor)
 
 
 def shard(indices: Sequence[int], rank: int | None = None, world_size: int | None = None) -> Tuple[List[int], bool]:

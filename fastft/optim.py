@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import sys
 from collections import defaultdict
 from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple, Union
 
@@ -11,6 +10,7 @@ import torch
 from torch import Tensor
 
 from . import _ext
+from .distributed import is_dtensor
 
 __all__ = ["AdamW"]
 
@@ -82,15 +82,13 @@ def _is_dense(t: Tensor) -> bool:
     return True
 
 
-def _is_dtensor(t: Any) -> bool:
-    # No import: a DTensor can only exist once torch.distributed.tensor has been imported.
-    mod = sys.modules.get("torch.distributed.tensor")
-    return mod is not None and isinstance(t, mod.DTensor)
+# Until fastft.train.trainer imports fastft.distributed.is_dtensor itself.
+_is_dtensor = is_dtensor
 
 
 def _local(t: Optional[Tensor]) -> Optional[Tensor]:
     """This process's shard of a DTensor (sharing its memory: in-place updates land in it); others as they are."""
-    return t.to_local() if _is_dtensor(t) else t
+    return t.to_local() if is_dtensor(t) else t
 
 
 def _norm_reduce_dims(g: Tensor) -> Tuple[Any, Tuple[int, ...]]:
@@ -262,12 +260,12 @@ class AdamW(torch.optim.Optimizer):
                     raise RuntimeError(
                         f"fastft.AdamW does not support sparse gradients (parameter of shape {tuple(p.shape)} in "
                         f"{where}); use torch.optim.SparseAdam or a dense embedding (sparse=False)")
-                if _is_dtensor(p) and (not _is_dtensor(g) or g.placements != p.placements
-                                       or g.device_mesh != p.device_mesh):
+                if is_dtensor(p) and (not is_dtensor(g) or g.placements != p.placements
+                                      or g.device_mesh != p.device_mesh):
                     raise RuntimeError(
                         f"fastft.AdamW: a DTensor parameter of shape {tuple(p.shape)} in {where} is placed "
                         f"{p.placements}, but its gradient is "
-                        f"{g.placements if _is_dtensor(g) else 'a plain tensor'}; they must be sharded alike")
+                        f"{g.placements if is_dtensor(g) else 'a plain tensor'}; they must be sharded alike")
                 if g.dtype != p.dtype or g.device != p.device or g.shape != p.shape:
                     raise RuntimeError(
                         f"fastft.AdamW: the gradient of a parameter in {where} is {g.dtype} {tuple(g.shape)} on "
@@ -285,7 +283,7 @@ class AdamW(torch.optim.Optimizer):
         by_key: Dict[Tuple[torch.device, torch.dtype, Any], List[Tensor]] = defaultdict(list)
         for _, params in plan:
             for p in params:
-                sharding = _norm_reduce_dims(p.grad) if _is_dtensor(p.grad) else None
+                sharding = _norm_reduce_dims(p.grad) if is_dtensor(p.grad) else None
                 by_key[(p.device, p.dtype, sharding)].append(_local(p.grad))
         if not by_key:
             self.last_grad_norm = None
