@@ -38,8 +38,9 @@ install: $(VENV)/.fastft-installed data
 test: install
 	$(VENV)/bin/python -m pytest -q
 
+# --overwrite: `make demo` again replaces the previous demo run in runs/demo.
 demo: install
-	HF_HUB_OFFLINE=1 $(VENV)/bin/python -m fastft demo
+	HF_HUB_OFFLINE=1 $(VENV)/bin/python -m fastft demo --overwrite
 
 bench: install
 	$(VENV)/bin/python benchmarks/bench_adamw.py
