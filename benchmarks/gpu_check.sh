@@ -32,7 +32,7 @@ timeout 300 $PY -m pytest -q -x tests -k "cuda" 2>&1 | tail -25 | tee -a "$LOG"
 step "compute-sanitizer"
 CASE='
 import torch, fastft
-from fastft import _ext
+from fastft import ops
 torch.manual_seed(0)
 shapes = [(3, 5), (70001,), (0,), (131073,), (7,)]
 for dtype in (torch.float32, torch.bfloat16):
@@ -41,7 +41,7 @@ for dtype in (torch.float32, torch.bfloat16):
         p.grad = torch.randn_like(p)
     opt = fastft.AdamW(ps, lr=1e-3, l2_init=0.1, amsgrad=True, max_grad_norm=1.0, anchor_dtype=torch.bfloat16)
     opt.step(); opt.step(grad_scale=torch.tensor(2.0, device="cuda"), found_inf=torch.tensor(0.0, device="cuda"))
-    print(float(_ext.sum_of_squares([p.grad for p in ps])))
+    print(float(ops.sum_of_squares([p.grad for p in ps])))
 for dtype in (torch.float32, torch.bfloat16):
     for B, T, H in ((3, 17, 40), (2, 9, 1030), (4, 5, 3)):
         h = torch.randn(B, T, H, device="cuda", dtype=dtype, requires_grad=True)

@@ -1,8 +1,8 @@
-"""Loads the compiled kernels (``fastft._C``) once, and picks the kernel or the reference per device.
+"""Loads the compiled kernels (``fastft._C``, which registers ``torch.ops.fastft``) once.
 
 If ``fastft._C`` cannot be loaded, importing fastft still works: one warning says why, and every op
-runs its pure-PyTorch reference from :mod:`fastft._reference`. ``FASTFT_DISABLE_EXT=1`` forces that
-path without a warning.
+runs its pure-PyTorch reference from :mod:`fastft._reference` (:mod:`fastft.ops` decides, per call).
+``FASTFT_DISABLE_EXT=1`` forces that path without a warning.
 """
 
 from __future__ import annotations
@@ -11,9 +11,7 @@ import os
 import warnings
 from typing import Optional
 
-import torch
-
-from . import _reference
+import torch  # noqa: F401  (fastft._C needs torch's libraries loaded first)
 
 _C = None
 LOAD_ERROR: Optional[str] = None
@@ -40,24 +38,3 @@ KERNEL_DEVICES = frozenset(
     () if _C is None else (("cpu", "cuda") if _C.cuda else ("cpu",))
 )
 
-
-def use_kernel(device: torch.device) -> bool:
-    """True when the compiled kernels handle tensors on ``device``."""
-    return device.type in KERNEL_DEVICES
-
-
-def adamw_l2init_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, anchors, **kwargs) -> None:
-    """The fused AdamW + L2-to-init step (see :func:`fastft._reference.adamw_l2init_`), kernel when available."""
-    if params and use_kernel(params[0].device):
-        torch.ops.fastft.adamw_l2init_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps,
-                                       anchors, **kwargs)
-    else:
-        _reference.adamw_l2init_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, anchors,
-                                 **kwargs)
-
-
-def sum_of_squares(tensors) -> torch.Tensor:
-    """Sum of squares of all elements of ``tensors`` (one device and dtype), kernel when available."""
-    if tensors and use_kernel(tensors[0].device):
-        return torch.ops.fastft.sum_of_squares(tensors)
-    return _reference.sum_of_squares(tensors)

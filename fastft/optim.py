@@ -9,7 +9,7 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple, Union
 import torch
 from torch import Tensor
 
-from . import _ext
+from . import ops
 from .distributed import is_dtensor
 
 __all__ = ["AdamW"]
@@ -68,18 +68,6 @@ def _check_param(p: Tensor, where: str) -> None:
         raise ValueError(
             f"fastft.AdamW: parameter of shape {tuple(p.shape)} in {where} has dtype {p.dtype}; "
             "supported: float32, float16, bfloat16, float64")
-
-
-def _is_dense(t: Tensor) -> bool:
-    """True when ``t`` covers its memory exactly once (contiguous up to a permutation of its dims)."""
-    if t.is_contiguous():
-        return True
-    expected = 1
-    for size, stride in sorted(((s, st) for s, st in zip(t.shape, t.stride()) if s != 1), key=lambda x: x[1]):
-        if stride != expected:
-            return False
-        expected *= size
-    return True
 
 
 # Until fastft.train.trainer imports fastft.distributed.is_dtensor itself.
@@ -291,7 +279,7 @@ class AdamW(torch.optim.Optimizer):
         first_device = next(iter(by_key))[0]
         partial = []
         for (_, _, sharding), grads in by_key.items():
-            squares = _ext.sum_of_squares(grads).to(dtype=torch.float32)
+            squares = ops.sum_of_squares(grads).to(dtype=torch.float32)
             if sharding is not None:
                 import torch.distributed as dist
 
@@ -359,37 +347,18 @@ class AdamW(torch.optim.Optimizer):
                         state["anchor"] = p.detach().to(dtype=_anchor_dtype_for(group, p), copy=True)
                     anchor = state["anchor"]
                 # DTensors (FSDP2): the kernel steps this process's shards; the state is sharded alike.
-                tensors = [_local(t) for t in (p, p.grad, state["exp_avg"], state["exp_avg_sq"],
-                                               state.get("max_exp_avg_sq"), state["step"], anchor)]
-                local_p = tensors[0]
-                fused_ok = _is_dense(local_p) and all(
-                    t.stride() == local_p.stride() for i, t in enumerate(tensors) if t is not None and i != 5)
-                key = (p.device, p.dtype, None if anchor is None else anchor.dtype, fused_ok)
+                key = (p.device, p.dtype, None if anchor is None else anchor.dtype)
                 lists = buckets[key]
-                for i, t in enumerate(tensors):
+                for i, t in enumerate((p, p.grad, state["exp_avg"], state["exp_avg_sq"], state.get("max_exp_avg_sq"),
+                                       state["step"], anchor)):
                     if t is not None:
-                        lists[i].append(t)
+                        lists[i].append(_local(t))
             beta1, beta2 = group["betas"]
             hyper = dict(lr=_scalar(group["lr"]), beta1=_scalar(beta1), beta2=_scalar(beta2),
                          weight_decay=_scalar(group["weight_decay"]), eps=_scalar(group["eps"]), l2_init=l2,
                          coupled=group["l2_init_mode"] == "coupled", amsgrad=amsgrad, maximize=group["maximize"])
-            for (device, _, _, fused_ok), lists in buckets.items():
-                kernel = _ext.adamw_l2init_ if fused_ok else _ext._reference.adamw_l2init_
-                kernel(*lists, **hyper, grad_scale=on(grad_scale, "scale", device),
-                       found_inf=on(found_inf, "inf", device), clip_coef=clip.get(device))
+            for (device, _, _), lists in buckets.items():
+                ops.adamw_l2init_(*lists, **hyper, grad_scale=on(grad_scale, "scale", device),
+                                  found_inf=on(found_inf, "inf", device), clip_coef=clip.get(device))
         return loss
 
-
-if _ext._C is not None:
-
-    @torch.library.register_fake("fastft::adamw_l2init_")
-    def _adamw_l2init_fake(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, anchors, *,
-                           lr, beta1, beta2, weight_decay, eps, l2_init, coupled, amsgrad, maximize,
-                           grad_scale=None, found_inf=None, clip_coef=None):
-        return None
-
-    @torch.library.register_fake("fastft::sum_of_squares")
-    def _sum_of_squares_fake(tensors):
-        torch._check(len(tensors) > 0, lambda: "fastft.sum_of_squares: needs at least one tensor")
-        dtype = torch.float64 if tensors[0].dtype == torch.float64 else torch.float32
-        return tensors[0].new_empty((), dtype=dtype)

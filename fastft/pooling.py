@@ -1,8 +1,9 @@
 """Masked pooling of token states into one vector per sequence: ``pool``, ``masked_mean_pool``, ``Pool``.
 
 The forward and the backward are fused kernels (``torch.ops.fastft.masked_pool`` and
-``masked_pool_backward``) with fake implementations and autograd registered here, so they work
-under ``torch.compile(fullgraph=True)`` and pass ``torch.library.opcheck``.
+``masked_pool_backward``, reached through :mod:`fastft.ops`, which registers their fake
+implementations and autograd), so they work under ``torch.compile(fullgraph=True)`` and pass
+``torch.library.opcheck``.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from . import _ext, _reference
+from . import ops
 from ._reference import POOL_MODES
 
 __all__ = ["POOL_MODES", "pool", "masked_mean_pool", "Pool"]
@@ -61,9 +62,7 @@ def pool(hidden: Tensor, attention_mask: Optional[Tensor] = None, mode: str = "m
     saved; the forward never builds a [B, T, H] temporary.
     """
     _check(hidden, attention_mask, mode)
-    if _ext.use_kernel(hidden.device):
-        return torch.ops.fastft.masked_pool(hidden, attention_mask, mode)[0]
-    return _reference.pool(hidden, attention_mask, mode)
+    return ops.masked_pool(hidden, attention_mask, mode)
 
 
 def masked_mean_pool(hidden: Tensor, attention_mask: Optional[Tensor] = None) -> Tensor:
@@ -86,30 +85,3 @@ class Pool(nn.Module):
     def extra_repr(self) -> str:
         return f"mode={self.mode!r}"
 
-
-if _ext._C is not None:
-
-    @torch.library.register_fake("fastft::masked_pool")
-    def _masked_pool_fake(hidden, mask, mode):
-        B, _, H = hidden.shape
-        index_shape = {"max": (B, H), "mean": (0,)}.get(mode, (B,))
-        return hidden.new_empty((B, H)), hidden.new_empty(index_shape, dtype=torch.long)
-
-    @torch.library.register_fake("fastft::masked_pool_backward")
-    def _masked_pool_backward_fake(grad, mask, index, mode, tokens):
-        return grad.new_empty((grad.shape[0], tokens, grad.shape[1]))
-
-    def _setup_context(ctx, inputs, output):
-        hidden, mask, mode = inputs
-        # Only what the backward reads: the mask (mean), the index (max, cls, last).
-        ctx.save_for_backward(mask, output[1])
-        ctx.mode = mode
-        ctx.tokens = hidden.shape[1]
-
-    def _backward(ctx, grad, _grad_index):
-        mask, index = ctx.saved_tensors
-        if not ctx.needs_input_grad[0]:
-            return None, None, None
-        return torch.ops.fastft.masked_pool_backward(grad, mask, index, ctx.mode, ctx.tokens), None, None
-
-    torch.library.register_autograd("fastft::masked_pool", _backward, setup_context=_setup_context)

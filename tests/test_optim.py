@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import fastft
-from fastft import _ext, _reference
+from fastft import _reference, ops
 from conftest import TOL
 
 SHAPES = [(7, 13), (16385,), (0,), (1,), (3, 5, 9), (40000,), (2, 0, 3), (257, 33)]
@@ -532,7 +532,7 @@ def _op_lists(dtype, device, anchor_dtype, amsgrad, seed=0):
 @pytest.mark.parametrize("amsgrad", [False, True])
 @pytest.mark.parametrize("coupled", [False, True])
 def test_kernel_matches_reference(device, dtype, anchor_dtype, amsgrad, coupled):
-    if not _ext.use_kernel(device):
+    if not ops.use_kernel(device):
         pytest.skip("compiled kernels not loaded for this device")
     a = _op_lists(dtype, device, anchor_dtype, amsgrad)
     b = [[t.clone() for t in lst] for lst in a]
@@ -547,11 +547,28 @@ def test_kernel_matches_reference(device, dtype, anchor_dtype, amsgrad, coupled)
             assert_close(x, y, dtype if x.dtype == dtype else torch.float32)
 
 
+def test_op_wrapper_steps_odd_layouts_with_the_reference(device):
+    """fastft.ops.adamw_l2init_ gives the kernel the tensors it takes and the reference the others
+    (a non-dense param, a moment strided unlike its param), in one call, with the same result."""
+    a = _op_lists(torch.float32, device, None, True)
+    a[0][0] = torch.randn(3, 10, device=device)[:, ::2]
+    a[2][3] = torch.randn(66, device=device)[::2].mul_(0.1)
+    b = [[t.clone() for t in lst] for lst in a]
+    kw = dict(lr=1e-2, beta1=0.9, beta2=0.99, weight_decay=0.1, eps=1e-8, l2_init=0.4, coupled=False,
+              amsgrad=True, maximize=False, clip_coef=torch.tensor(0.7, device=device))
+    for _ in range(3):
+        ops.adamw_l2init_(*a, **kw)
+        _reference.adamw_l2init_(*b, **kw)
+    for la, lb in zip(a, b):
+        for x, y in zip(la, lb):
+            assert_close(x, y, torch.float32)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
 def test_sum_of_squares_matches_torch(device, dtype):
     tensors = [torch.randn(s, device=device).to(dtype) for s in [(0,), (1,), (70001,), (3, 7), (16384,)]]
     expected = sum(t.double().square().sum() for t in tensors)
-    got = _ext.sum_of_squares(tensors)
+    got = ops.sum_of_squares(tensors)
     assert got.dtype == (torch.float64 if dtype == torch.float64 else torch.float32) and got.dim() == 0
     torch.testing.assert_close(got.double(), expected, rtol=1e-5 if dtype != torch.float64 else 1e-12, atol=0)
 
@@ -576,7 +593,7 @@ def test_cuda_tensor_past_2_pow_31_elements():
 
 
 def test_op_argument_errors():
-    if not _ext.use_kernel(torch.device("cpu")):
+    if not ops.use_kernel(torch.device("cpu")):
         pytest.skip("compiled kernels not loaded")
     lists = _op_lists(torch.float32, "cpu", None, False)
     kw = dict(lr=1e-2, beta1=0.9, beta2=0.99, weight_decay=0.1, eps=1e-8, l2_init=0.4, coupled=False,
@@ -596,11 +613,11 @@ def test_op_argument_errors():
     with pytest.raises(RuntimeError, match="empty list"):
         torch.ops.fastft.sum_of_squares([])
     with pytest.raises(ValueError, match="at least one"):
-        _ext.sum_of_squares([])
+        ops.sum_of_squares([])
 
 
 def test_opcheck():
-    if not _ext.use_kernel(torch.device("cpu")):
+    if not ops.use_kernel(torch.device("cpu")):
         pytest.skip("compiled kernels not loaded")
     lists = _op_lists(torch.float32, "cpu", torch.bfloat16, True)
     kw = dict(lr=1e-2, beta1=0.9, beta2=0.99, weight_decay=0.1, eps=1e-8, l2_init=0.4, coupled=False,

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import fastft
-from fastft import _ext, _reference
+from fastft import _reference, ops
 from conftest import TOL
 
 MODES = fastft.POOL_MODES
@@ -30,7 +30,7 @@ def make_mask(B, T, kind, device, dtype=torch.long, seed=0):
 
 
 def kernel_available(device):
-    if not _ext.use_kernel(torch.device(device)):
+    if not ops.use_kernel(torch.device(device)):
         pytest.skip("compiled kernels not loaded for this device")
 
 
@@ -170,7 +170,7 @@ def test_frozen_encoder_saves_nothing_and_needs_no_backward(device):
     hidden.requires_grad_()
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
         out = fastft.pool(hidden, mask, "mean")
-    if _ext.use_kernel(hidden.device):
+    if ops.use_kernel(hidden.device):
         assert sum(t.numel() for t in saved) == mask.numel()
 
 
