@@ -109,14 +109,15 @@ if _ext._C is not None:
 
 
 def sum_of_squares(tensors: Sequence[Tensor]) -> Tensor:
-    """Sum of the squares of all elements of ``tensors`` (at least one; one device and one dtype).
+    """Sum of the squares of all elements of ``tensors`` (at least one; one device and one dtype; any strides).
 
     Returns a 0-dim tensor on their device: float32 for float32 / float16 / bfloat16 tensors (the
     accumulation type), float64 for float64. Raises ValueError for an empty list; the kernel raises
     RuntimeError for mixed devices or dtypes.
     """
     if tensors and use_kernel(tensors[0].device):
-        return torch.ops.fastft.sum_of_squares(tensors)
+        # The kernel reads dense memory; a strided view (a hand-set .grad, say) is copied first.
+        return torch.ops.fastft.sum_of_squares([t if _is_dense(t) else t.contiguous() for t in tensors])
     return _reference.sum_of_squares(tensors)
 
 

@@ -186,6 +186,25 @@ def test_fused_clipping_equals_clip_grad_norm(device, max_norm, l2_init):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
+def test_fused_clipping_with_non_dense_gradients(device):
+    """A gradient that is a strided view (set by hand) is clipped and stepped like a contiguous one."""
+    ours = make_params([(4, 8), (6,)], torch.float32, device)
+    theirs = copy.deepcopy(ours)
+    opt_a = fastft.AdamW(ours, lr=1e-2, l2_init=0.1, max_grad_norm=0.5)
+    opt_b = fastft.AdamW(theirs, lr=1e-2, l2_init=0.1)
+    for s in range(3):
+        g = torch.Generator().manual_seed(s)
+        wide = [torch.randn(4, 16, generator=g).to(device), torch.randn(12, generator=g).to(device)]
+        for p, q, w in zip(ours, theirs, wide):
+            p.grad = w[..., ::2]
+            q.grad = w[..., ::2].contiguous()
+        opt_a.step()
+        torch.nn.utils.clip_grad_norm_(theirs, 0.5)
+        opt_b.step()
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
 def test_clipping_counts_only_real_gradients(device):
     params = make_params([(10,), (10,)], torch.float32, device)
     opt = fastft.AdamW(params, max_grad_norm=1.0)
