@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 from collections import defaultdict
 from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple, Union
 
@@ -23,31 +24,53 @@ def _scalar(x: Union[float, Tensor]) -> float:
     return float(x.item()) if isinstance(x, Tensor) else float(x)
 
 
+def _check_number(name: str, value: Any, where: str, tensor_ok: bool = True) -> float:
+    """``value`` as a float; TypeError naming ``name`` unless it is a real number (not a bool) or, where
+    ``tensor_ok``, a one-element tensor, as torch.optim.AdamW accepts."""
+    if tensor_ok and isinstance(value, Tensor):
+        if value.numel() != 1:
+            raise ValueError(f"fastft.AdamW: {name} in {where} is a tensor of shape {tuple(value.shape)}; "
+                             f"a tensor {name} must have exactly one element")
+        return float(value.item())
+    if isinstance(value, numbers.Real) and not isinstance(value, bool):
+        return float(value)
+    kinds = "a float or an int" + (" (or a one-element tensor)" if tensor_ok else "")
+    fix = f"pass {name} as {kinds}"
+    if isinstance(value, str):
+        try:
+            fix = (f"pass {name}={float(value)!r}, not the string {value!r} "
+                   "(YAML 1.1 reads 5e-5 as a string: write 5.0e-5)")
+        except ValueError:
+            pass
+    raise TypeError(f"fastft.AdamW: {name}={value!r} in {where} is a {type(value).__name__}, not a number; {fix}")
+
+
 def _check_hyperparameters(group: Dict[str, Any], where: str) -> None:
-    """Raise ValueError naming the first out-of-range hyper-parameter of ``group``."""
+    """Raise TypeError naming the first hyper-parameter of ``group`` of the wrong type, or ValueError
+    naming the first one out of range."""
 
     def bad(name: str, value: Any, rule: str) -> ValueError:
         return ValueError(f"fastft.AdamW: invalid {name}={value!r} in {where}: {rule}")
 
-    lr = _scalar(group["lr"])
+    lr = _check_number("lr", group["lr"], where)
     if not (math.isfinite(lr) and lr >= 0.0):
         raise bad("lr", group["lr"], "must be a finite number >= 0")
-    eps = _scalar(group["eps"])
+    eps = _check_number("eps", group["eps"], where)
     if not (math.isfinite(eps) and eps >= 0.0):
         raise bad("eps", group["eps"], "must be a finite number >= 0")
     betas = group["betas"]
     if not (isinstance(betas, (tuple, list)) and len(betas) == 2):
         raise bad("betas", betas, "must be a pair (beta1, beta2)")
     for i, b in enumerate(betas):
-        b = _scalar(b)
+        b = _check_number(f"betas[{i}]", b, where)
         if not (0.0 <= b < 1.0):
             raise bad(f"betas[{i}]", betas[i], "must be in [0, 1)")
-    wd = _scalar(group["weight_decay"])
+    wd = _check_number("weight_decay", group["weight_decay"], where)
     if not (math.isfinite(wd) and wd >= 0.0):
         raise bad("weight_decay", group["weight_decay"], "must be a finite number >= 0")
-    l2 = group["l2_init"]
-    if isinstance(l2, bool) or not isinstance(l2, (int, float)) or not (math.isfinite(l2) and l2 >= 0.0):
-        raise bad("l2_init", l2, "must be a finite number >= 0 (0 disables L2-to-init)")
+    l2 = _check_number("l2_init", group["l2_init"], where, tensor_ok=False)
+    if not (math.isfinite(l2) and l2 >= 0.0):
+        raise bad("l2_init", group["l2_init"], "must be a finite number >= 0 (0 disables L2-to-init)")
     if group["l2_init_mode"] not in _MODES:
         raise bad("l2_init_mode", group["l2_init_mode"], f"must be one of {_MODES}")
     ad = group["anchor_dtype"]
@@ -140,6 +163,15 @@ class AdamW(torch.optim.Optimizer):
         l2_init_mode: ``"decoupled"`` or ``"coupled"`` (see above).
         anchor_dtype: dtype the anchors are stored in (None: the parameter's dtype).
         max_grad_norm: clip the global gradient norm to this value (None: no clipping).
+
+    Raises:
+        TypeError: a hyper-parameter of the wrong type, e.g. ``lr="5e-5"``: ``lr``, ``betas``, ``eps``
+            and ``weight_decay`` take floats, ints or one-element tensors, ``l2_init`` a float or an
+            int; or a parameter that is not a tensor.
+        ValueError: a hyper-parameter out of range, or a complex or integer parameter.
+
+    Hyper-parameters are checked at construction, in ``add_param_group`` (param groups),
+    ``load_state_dict`` and every ``step``, before anything changes.
     """
 
     _step_supports_amp_scaling = True

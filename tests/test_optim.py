@@ -458,6 +458,51 @@ def test_bad_hyperparameters(kwargs, match):
                      else [torch.nn.Parameter(torch.zeros(3))], **({} if "max_grad_norm" not in kwargs else kwargs))
 
 
+@pytest.mark.parametrize("kwargs, name", [
+    (dict(lr="5e-5"), "lr"),
+    (dict(lr=None), "lr"),
+    (dict(lr=True), "lr"),
+    (dict(betas=("0.9", 0.999)), r"betas\[0\]"),
+    (dict(betas=(0.9, None)), r"betas\[1\]"),
+    (dict(eps="1e-8"), "eps"),
+    (dict(weight_decay="0.01"), "weight_decay"),
+    (dict(l2_init="0.1"), "l2_init"),
+    (dict(l2_init=torch.tensor(0.1)), "l2_init"),
+])
+def test_wrong_type_hyperparameters_rejected_up_front(kwargs, name):
+    """A string lr (YAML 1.1 reads 5e-5 so) is a TypeError naming the argument, at construction and
+    in param groups, as in torch.optim.AdamW; not a failure later inside a scheduler or the step."""
+    p = torch.nn.Parameter(torch.zeros(3))
+    with pytest.raises(TypeError, match=name):
+        fastft.AdamW([p], **kwargs)
+    with pytest.raises(TypeError, match=name):
+        fastft.AdamW([{"params": [p], **kwargs}])
+    opt = fastft.AdamW([p])
+    with pytest.raises(TypeError, match=name):
+        opt.add_param_group({"params": [torch.nn.Parameter(torch.zeros(2))], **kwargs})
+    assert len(opt.param_groups) == 1
+
+
+def test_string_lr_error_says_how_to_fix_it():
+    p = torch.nn.Parameter(torch.zeros(3))
+    with pytest.raises(TypeError):
+        torch.optim.AdamW([p], lr="5e-5")
+    with pytest.raises(TypeError, match=r"lr='5e-5' in the defaults is a str.*pass lr=5e-05.*write 5\.0e-5"):
+        fastft.AdamW([p], lr="5e-5")
+
+
+def test_tensor_and_numpy_hyperparameters_still_accepted(device):
+    np = pytest.importorskip("numpy")
+    ours = make_params([(7, 3)], torch.float32, device)
+    theirs = copy.deepcopy(ours)
+    betas = (np.float64(0.9), torch.tensor(0.99, dtype=torch.float64))
+    run(fastft.AdamW, ours, 3, lr=torch.tensor(1e-2), betas=betas, eps=np.float32(1e-8), weight_decay=1)
+    run(torch.optim.AdamW, theirs, 3, lr=1e-2, betas=(0.9, 0.99), eps=1e-8, weight_decay=1.0, foreach=False)
+    assert_rel(ours[0], theirs[0])
+    with pytest.raises(ValueError, match="one element"):
+        fastft.AdamW(ours, lr=torch.tensor([1e-3, 2e-3]))
+
+
 def test_complex_and_integer_parameters_rejected():
     with pytest.raises(ValueError, match="complex"):
         fastft.AdamW([torch.nn.Parameter(torch.zeros(3, dtype=torch.complex64))])
@@ -515,6 +560,15 @@ def test_bad_group_value_at_step_changes_nothing(device):
     set_grads([good, bad], 5)
     opt.param_groups[0]["lr"] = -1.0
     with pytest.raises(ValueError, match="lr"):
+        opt.step()
+    _assert_unchanged(good, bad, opt, snap)
+
+
+def test_wrong_type_lr_set_on_a_group_fails_the_step_and_changes_nothing(device):
+    good, bad, opt, snap = _two_param_setup(device)
+    set_grads([good, bad], 5)
+    opt.param_groups[0]["lr"] = "1e-3"
+    with pytest.raises(TypeError, match="lr"):
         opt.step()
     _assert_unchanged(good, bad, opt, snap)
 
