@@ -9,18 +9,14 @@ from importlib.metadata import PackageNotFoundError, version as _pkg_version
 
 from . import _ext, distributed
 from .optim import AdamW
-from .forgetting import ForgettingMonitor, Replay, continue_pretraining, evaluate_prompting, few_shot_prompt
-from .freezing import (
-    FreezePlan,
-    GradualUnfreezing,
-    RequiresGradAttributeError,
-    find_layers,
-    freeze_layers,
-    layerwise_lr_groups,
-)
+from .forgetting import ForgettingMonitor, continue_pretraining
+from .freezing import FreezePlan, GradualUnfreezing, freeze_layers
 from .heads import ClassificationHead, ClassifierOutput, SequenceClassifier
+from .layers import RequiresGradAttributeError, find_layers
+from .param_groups import layerwise_lr_groups
 from .pooling import POOL_MODES, Pool, masked_mean_pool, pool
-from .train import Callback, EarlyStopping, FitResult, MultiTaskModel, MultiTaskTrainer, Task, Trainer
+from .prompting import evaluate_prompting, few_shot_prompt
+from .train import Callback, EarlyStopping, FitResult, MultiTaskModel, MultiTaskTrainer, Replay, Task, Trainer
 
 try:
     __version__ = _pkg_version("fastft")

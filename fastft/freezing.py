@@ -1,12 +1,13 @@
-"""Freeze plans that cost nothing below the boundary, gradual unfreezing and layer-wise LR decay.
+"""Freeze plans that cost nothing below the boundary, and gradual unfreezing.
 
-* :func:`find_layers` finds a model's stack of transformer blocks.
 * :func:`freeze_layers` freezes the embeddings and the lowest ``n`` blocks and returns a
   :class:`FreezePlan`: the frozen prefix keeps no gradients, no optimizer state, runs in eval mode
   and without an autograd graph, so it saves no activations and backward stops at the boundary.
 * :class:`GradualUnfreezing` moves the boundary down one block every epoch or every N steps
   (ULMFiT), by hand or as a trainer callback.
-* :func:`layerwise_lr_groups` builds optimizer parameter groups with layer-wise LR decay.
+
+Where the blocks are comes from :mod:`fastft.layers` (:func:`~fastft.layers.find_layers`);
+layer-wise LR decay from :mod:`fastft.param_groups`. Both names are re-exported here.
 
 Build the optimizer over *all* parameters (e.g. from :func:`layerwise_lr_groups`):
 :class:`fastft.AdamW` skips parameters whose ``.grad`` is None, so frozen ones cost no state, and
@@ -15,8 +16,6 @@ starts them lazily when they unfreeze, their L2-to-init anchor then still the pr
 
 from __future__ import annotations
 
-import math
-import numbers
 import threading
 import warnings
 import weakref
@@ -24,6 +23,9 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
+
+from .layers import ModelStructure, RequiresGradAttributeError, check_bool, check_int, check_model, find_layers
+from .param_groups import layerwise_lr_groups
 
 __all__ = [
     "find_layers",
@@ -33,252 +35,6 @@ __all__ = [
     "layerwise_lr_groups",
     "RequiresGradAttributeError",
 ]
-
-# Last name component of the block list in Hugging Face models: BERT/RoBERTa/ViT ``encoder.layer``,
-# GPT-2 ``transformer.h``, Llama/Mistral ``model.layers``, T5 ``encoder.block``, timm ``blocks``.
-_STACK_NAMES = frozenset({"layer", "layers", "h", "block", "blocks"})
-
-
-class RequiresGradAttributeError(ValueError, AttributeError):
-    """``module.requires_grad = ...`` was set on an ``nn.Module``: a no-op that freezes nothing.
-
-    Raised by every entry point of :mod:`fastft.freezing` before it changes anything. It is both a
-    ValueError (bad input) and an AttributeError (a misused attribute).
-    """
-
-
-# --------------------------------------------------------------------------------------------------
-# Input checks
-
-
-def _check_model(model: Any, where: str) -> None:
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"fastft.{where}: expected a torch.nn.Module, got {type(model).__name__}")
-    bad = [name or "<the model itself>" for name, m in model.named_modules() if "requires_grad" in vars(m)]
-    if bad:
-        shown = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
-        raise RequiresGradAttributeError(
-            f"fastft.{where}: `requires_grad` was assigned as an attribute of the module(s) {shown}. On an "
-            "nn.Module that only creates a plain attribute: nothing is frozen and every parameter still gets "
-            "gradients. Write `module.requires_grad_(False)` (the method, with the underscore) or use "
-            "fastft.freeze_layers(model, n), and remove the stray attribute with `del module.requires_grad`.")
-
-
-def _check_int(value: Any, name: str, low: int, high: int, where: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"fastft.{where}: {name} must be an int in [{low}, {high}], got {value!r}")
-    value = int(value)
-    if not low <= value <= high:
-        raise ValueError(f"fastft.{where}: {name}={value} is out of range: the model has {high} blocks, "
-                         f"so {name} must be in [{low}, {high}]")
-    return value
-
-
-def _check_bool(value: Any, name: str, where: str) -> bool:
-    if not isinstance(value, bool):
-        raise TypeError(f"fastft.{where}: {name} must be True or False, got {value!r}")
-    return value
-
-
-# --------------------------------------------------------------------------------------------------
-# Finding the blocks and the embeddings
-
-
-def _describe(name: str, lst: nn.Module) -> str:
-    types = sorted({type(c).__name__ for c in lst})
-    return f"{name or '<the model itself>'} ({len(lst)} x {'/'.join(types)})"
-
-
-def _find_stack(root: nn.Module, prefix: str, where: str) -> Tuple[str, nn.Module]:
-    """The block list of a single-stack model: (qualified name, ModuleList or Sequential)."""
-    lists = [(n, m) for n, m in root.named_modules()
-             if isinstance(m, (nn.ModuleList, nn.Sequential)) and len(m) > 0]
-
-    def top_level(cands):
-        # A list inside an item of another candidate (MoE experts, T5Block.layer) is not a block stack.
-        names = [n for n, _ in cands]
-        return [(n, m) for n, m in cands
-                if not any(o != n and (o == "" or n.startswith(o + ".")) for o in names)]
-
-    def qualified(n):
-        return ".".join(x for x in (prefix, n) if x)
-
-    known = top_level([(n, m) for n, m in lists if n.rsplit(".", 1)[-1] in _STACK_NAMES])
-    same_type = top_level([(n, m) for n, m in lists if len({type(c) for c in m}) == 1])
-    for tier, rule in ((known, "named like a block list"), (same_type, "of same-type blocks")):
-        if not tier:
-            continue
-        longest = max(len(m) for _, m in tier)
-        best = [(n, m) for n, m in tier if len(m) == longest]
-        if len(best) == 1:
-            return qualified(best[0][0]), best[0][1]
-        listing = "; ".join(_describe(qualified(n), m) for n, m in tier)
-        raise ValueError(
-            f"fastft.{where}: cannot tell which module list holds the transformer blocks: {len(best)} lists "
-            f"{rule} are equally long. Candidates: {listing}. Pass the right one explicitly, e.g. "
-            f"layers=model.{qualified(best[0][0]) or '<name>'}")
-    listing = "; ".join(_describe(qualified(n), m) for n, m in lists) or "none"
-    raise ValueError(
-        f"fastft.{where}: found no list of transformer blocks in {type(root).__name__} (looked for an "
-        f"nn.ModuleList/nn.Sequential named {sorted(_STACK_NAMES)} or holding blocks of one type; module lists "
-        f"present: {listing}). Pass the blocks explicitly with layers=[...], lowest first")
-
-
-def _encoder_decoder(model: nn.Module) -> Optional[Tuple[nn.Module, nn.Module]]:
-    """(encoder, decoder) of a Hugging Face encoder-decoder model, else None."""
-    if not getattr(getattr(model, "config", None), "is_encoder_decoder", False):
-        return None
-    try:
-        enc, dec = model.get_encoder(), model.get_decoder()
-    except Exception:
-        return None
-    if not (isinstance(enc, nn.Module) and isinstance(dec, nn.Module)) or model in (enc, dec) or enc is dec:
-        return None
-    return enc, dec
-
-
-class _Structure:
-    """How a model splits into embeddings, blocks (lowest first) and head, parameter by parameter."""
-
-    def __init__(self, model: nn.Module, layers: Optional[Sequence[nn.Module]], where: str) -> None:
-        names = {}
-        for n, m in model.named_modules():
-            names.setdefault(m, n)
-        self.encoder = None
-        if layers is None:
-            self.layers, block_names = self._locate(model, names, where)
-        else:
-            self.layers, block_names = self._check_layers(layers, names, where)
-        n_blocks = len(self.layers)
-
-        inside_blocks = {x for b in self.layers for x in b.modules()}
-        ancestors = set()
-        for bn in block_names:
-            parts = bn.split(".")
-            ancestors.update(".".join(parts[:i]) for i in range(len(parts)))
-
-        def module_or_none(getter):
-            try:
-                m = getattr(model, getter)()
-            except Exception:
-                return None
-            return m if isinstance(m, nn.Module) else None
-
-        in_emb, out_emb = module_or_none("get_input_embeddings"), module_or_none("get_output_embeddings")
-        self.embedding_modules: List[nn.Module] = []
-        chosen: List[str] = []
-        for n, m in model.named_modules():
-            if m in inside_blocks or n in ancestors or any(n.startswith(c + ".") for c in chosen):
-                continue
-            if out_emb is not None and any(x is out_emb for x in m.modules()) and m is not in_emb:
-                continue
-            if next(m.parameters(), None) is None:
-                continue
-            leaf = n.rsplit(".", 1)[-1].lower()
-            if (isinstance(m, nn.Embedding) or m is in_emb or "embed" in type(m).__name__.lower()
-                    or "embed" in leaf):
-                self.embedding_modules.append(m)
-                chosen.append(n)
-
-        self.param_names: Dict[Tensor, str] = {}
-        for n, p in model.named_parameters():
-            self.param_names.setdefault(p, n)
-        seen = set()
-
-        def take(params) -> List[Tensor]:
-            out = []
-            for p in params:
-                if p not in seen:
-                    seen.add(p)
-                    out.append(p)
-            return out
-
-        emb = [p for m in self.embedding_modules for p in m.parameters()]
-        for a in sorted(ancestors):  # timm-style cls_token / pos_embed held directly by the model
-            owner = model.get_submodule(a)
-            emb += [p for pn, p in owner.named_parameters(recurse=False)
-                    if "embed" in pn.lower() or pn.lower().endswith(("token", "tokens"))]
-        self.embedding_params = take(emb)
-        self.block_params = [take(b.parameters()) for b in self.layers]
-        # Encoder-decoder: what the encoder holds besides its embeddings and blocks (T5's final norm)
-        # lies between its top block and the decoder, so it freezes and decays with the encoder's top block.
-        self.attached_modules: Dict[int, List[nn.Module]] = {}
-        if self.encoder is not None:
-            enc, top = self.encoder
-            extra = [c for c in enc.children() if c not in inside_blocks and c not in self.embedding_modules
-                     and names.get(c) not in ancestors and next(c.parameters(), None) is not None]
-            self.attached_modules[top] = extra
-            self.block_params[top] += take([p for c in extra for p in c.parameters()]
-                                           + list(enc.parameters(recurse=False)))
-        self.head_params = take(model.parameters())
-        self.block_names = block_names
-        self.num_layers = n_blocks
-
-    def _locate(self, model, names, where):
-        pair = _encoder_decoder(model)
-        if pair is None or any(part not in names for part in pair):
-            name, stack = _find_stack(model, "", where)
-            return stack, [f"{name}.{i}" if name else str(i) for i in range(len(stack))]
-        blocks, block_names = [], []
-        for part in pair:
-            name, stack = _find_stack(part, names[part], where)
-            blocks += list(stack)
-            block_names += [f"{name}.{i}" for i in range(len(stack))]
-            if part is pair[0]:
-                self.encoder = (part, len(blocks) - 1)
-        return nn.ModuleList(blocks), block_names
-
-    @staticmethod
-    def _check_layers(layers, names, where):
-        if isinstance(layers, nn.Module) and not isinstance(layers, (nn.ModuleList, nn.Sequential)):
-            raise TypeError(f"fastft.{where}: layers must be a list of blocks (nn.ModuleList, nn.Sequential or a "
-                            f"Python list), lowest first; got a single {type(layers).__name__}")
-        try:
-            blocks = list(layers)
-        except TypeError:
-            raise TypeError(f"fastft.{where}: layers must be a list of blocks, lowest first; "
-                            f"got {type(layers).__name__}") from None
-        if not blocks:
-            raise ValueError(f"fastft.{where}: layers is empty; pass the model's transformer blocks, lowest first")
-        for i, b in enumerate(blocks):
-            if not isinstance(b, nn.Module):
-                raise TypeError(f"fastft.{where}: layers[{i}] is a {type(b).__name__}, expected an nn.Module block")
-            if b not in names:
-                raise ValueError(f"fastft.{where}: layers[{i}] ({type(b).__name__}) is not a submodule of the model; "
-                                 "pass blocks of the model you are freezing")
-        if len(set(map(id, blocks))) != len(blocks):
-            raise ValueError(f"fastft.{where}: layers holds the same block more than once")
-        for i, b in enumerate(blocks):
-            for j, c in enumerate(blocks):
-                if i != j and any(x is c for x in b.modules()):
-                    raise ValueError(f"fastft.{where}: layers[{j}] lies inside layers[{i}]; pass sibling blocks")
-        stack = layers if isinstance(layers, (nn.ModuleList, nn.Sequential)) else nn.ModuleList(blocks)
-        return stack, [names[b] for b in blocks]
-
-
-def find_layers(model: nn.Module) -> nn.Module:
-    """Return the model's stack of transformer blocks, lowest block first.
-
-    Known Hugging Face layouts are found by name: BERT/RoBERTa/MiniLM/ViT ``encoder.layer``, GPT-2
-    ``transformer.h``, Llama/Mistral/SmolLM ``model.layers``, T5 ``encoder.block`` (also timm
-    ``blocks``). Otherwise the generic rule applies: the longest ``nn.ModuleList``/``nn.Sequential``
-    whose items are all of one type. Lists nested inside another candidate's items (MoE experts, the
-    sub-layers of a T5 block) never count. For a Hugging Face encoder-decoder (T5, BART, ...) the
-    result is a new ``nn.ModuleList`` of the encoder's blocks followed by the decoder's, the order
-    data flows through them; otherwise it is the model's own list object.
-
-    Args:
-        model: the model (any ``nn.Module``).
-    Returns:
-        an ``nn.ModuleList`` (or the model's ``nn.Sequential``) of the blocks.
-    Raises:
-        ValueError: no block list was found, or several are equally likely; the message lists the
-            candidates. Pass ``layers=`` to :func:`freeze_layers` / :func:`layerwise_lr_groups` then.
-        RequiresGradAttributeError: some module had ``requires_grad`` assigned as an attribute.
-    """
-    _check_model(model, "find_layers")
-    return _Structure(model, None, "find_layers").layers
-
 
 # --------------------------------------------------------------------------------------------------
 # The hooks a plan installs
@@ -439,7 +195,7 @@ class FreezePlan:
         num_layers: ``len(layers)``.
     """
 
-    def __init__(self, model: nn.Module, structure: _Structure, embeddings: bool) -> None:
+    def __init__(self, model: nn.Module, structure: ModelStructure, embeddings: bool) -> None:
         self.model = model
         self._s = structure
         self.layers = structure.layers
@@ -493,8 +249,8 @@ class FreezePlan:
             RequiresGradAttributeError: some module had ``requires_grad`` assigned as an attribute.
         """
         self._check_live("set_boundary")
-        _check_model(self.model, "FreezePlan.set_boundary")
-        k = _check_int(k, "k", 0, self.num_layers, "FreezePlan.set_boundary")
+        check_model(self.model, "FreezePlan.set_boundary")
+        k = check_int(k, "k", 0, self.num_layers, "FreezePlan.set_boundary")
         self._apply(k, self._freeze_embeddings)
 
     def unfreeze_all(self) -> None:
@@ -503,8 +259,37 @@ class FreezePlan:
         ``set_boundary`` can freeze again afterwards.
         """
         self._check_live("unfreeze_all")
-        _check_model(self.model, "FreezePlan.unfreeze_all")
+        check_model(self.model, "FreezePlan.unfreeze_all")
         self._apply(0, False)
+
+    def state_dict(self) -> Dict[str, Any]:
+        """Where the boundary is now, for checkpoints: ``{"boundary": int, "embeddings_frozen": bool}``."""
+        return {"boundary": self._boundary, "embeddings_frozen": self._embeddings_frozen}
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        """Put the boundary back where :meth:`state_dict` saw it (a plan thawed to nothing unfreezes all).
+
+        Raises:
+            ValueError: the state does not fit this plan (too many blocks, or frozen embeddings for a
+                plan made with ``embeddings=False``); nothing changes then.
+        """
+        self._check_live("load_state_dict")
+        try:
+            boundary, emb = int(state["boundary"]), bool(state["embeddings_frozen"])
+        except (KeyError, TypeError, ValueError):
+            raise ValueError("fastft.FreezePlan.load_state_dict: expected a dict with 'boundary' and "
+                             "'embeddings_frozen' (from state_dict())") from None
+        if not 0 <= boundary <= self.num_layers:
+            raise ValueError(f"fastft.FreezePlan.load_state_dict: boundary={boundary} does not fit a plan of "
+                             f"{self.num_layers} blocks")
+        if emb and not self._freeze_embeddings:
+            raise ValueError("fastft.FreezePlan.load_state_dict: the state has frozen embeddings but this plan was "
+                             "made with embeddings=False")
+        check_model(self.model, "FreezePlan.load_state_dict")
+        if emb or boundary > 0:
+            self._apply(boundary, emb)
+        else:
+            self.unfreeze_all()
 
     # -- internals --------------------------------------------------------------------------------
     def _check_live(self, what: str) -> None:
@@ -576,10 +361,10 @@ def freeze_layers(model: nn.Module, n: int, embeddings: bool = True, *,
         TypeError/ValueError: bad arguments or no block list found; the model is left untouched.
         RequiresGradAttributeError: some module had ``requires_grad`` assigned as an attribute.
     """
-    _check_model(model, "freeze_layers")
-    _check_bool(embeddings, "embeddings", "freeze_layers")
-    structure = _Structure(model, layers, "freeze_layers")
-    n = _check_int(n, "n", 0, structure.num_layers, "freeze_layers")
+    check_model(model, "freeze_layers")
+    check_bool(embeddings, "embeddings", "freeze_layers")
+    structure = ModelStructure(model, layers, "freeze_layers")
+    n = check_int(n, "n", 0, structure.num_layers, "freeze_layers")
     old = _PLANS.get(model)
     if old is not None and not old._replaced:
         old._release()
@@ -688,15 +473,7 @@ class GradualUnfreezing:
         if count < 0 or not 0 <= boundary <= self.plan.num_layers:
             raise ValueError(f"fastft.GradualUnfreezing.load_state_dict: count={count}, boundary={boundary} do not "
                              f"fit a plan of {self.plan.num_layers} blocks")
-        if emb and not self.plan._freeze_embeddings:
-            raise ValueError("fastft.GradualUnfreezing.load_state_dict: the state has frozen embeddings but this "
-                             "plan was made with embeddings=False")
-        if emb or boundary > 0:
-            self.plan._check_live("load_state_dict")
-            _check_model(self.plan.model, "GradualUnfreezing.load_state_dict")
-            self.plan._apply(boundary, emb)
-        else:
-            self.plan.unfreeze_all()
+        self.plan.load_state_dict({"boundary": boundary, "embeddings_frozen": emb})
         self.count = count
 
     def __repr__(self) -> str:
@@ -704,71 +481,3 @@ class GradualUnfreezing:
                 f"boundary={self.plan.boundary}, embeddings_frozen={self.plan.embeddings_frozen})")
 
 
-# --------------------------------------------------------------------------------------------------
-# Layer-wise LR decay
-
-_NORM_TYPES = (nn.LayerNorm, nn.GroupNorm, nn.RMSNorm, nn.LocalResponseNorm, nn.modules.batchnorm._NormBase)
-
-
-def _is_norm(m: nn.Module) -> bool:
-    return isinstance(m, _NORM_TYPES) or "norm" in type(m).__name__.lower()
-
-
-def layerwise_lr_groups(model: nn.Module, lr: float, decay: float, weight_decay: Optional[float] = None, *,
-                        layers: Optional[Sequence[nn.Module]] = None) -> List[Dict[str, Any]]:
-    """Optimizer parameter groups with layer-wise learning-rate decay (ULMFiT's discriminative rates).
-
-    With ``L`` blocks, a block at depth ``d`` from the top gets ``lr * decay**d``: the top block
-    ``d = 0``, block ``i`` (0 = lowest) ``d = L - 1 - i``; the head (everything above the blocks:
-    pooler, final norm, classifier) gets the full ``lr`` and the embeddings ``lr * decay**L``, the lowest. Biases and the weights of norm layers
-    (LayerNorm, RMSNorm, GroupNorm, BatchNorm and modules whose class name contains "Norm") get no
-    weight decay. Every parameter of the model is in exactly one group, frozen ones included, so an
-    optimizer built from these groups also trains blocks that unfreeze later. A weight tied to the
-    embeddings (a tied LM head) counts as embeddings. Empty groups are left out.
-
-    Args:
-        model: the model.
-        lr: learning rate of the head (a number >= 0).
-        decay: factor per block, ``0 < decay <= 1`` (1 gives every group ``lr``).
-        weight_decay: weight decay of the decayed groups; None leaves it to the optimizer's default.
-            The no-decay groups always get ``weight_decay=0.0``.
-        layers: the blocks, lowest first, when :func:`find_layers` cannot find them.
-    Returns:
-        a list of dicts with ``params``, ``lr``, ``weight_decay`` (except decayed groups when
-        ``weight_decay`` is None) and ``name`` (e.g. ``"encoder.layer.3"``, ``"head.no_decay"``),
-        embeddings first, head last; pass it to :class:`fastft.AdamW` or any torch optimizer.
-    """
-    where = "layerwise_lr_groups"
-    _check_model(model, where)
-    for name, value, ok, rule in (
-            ("lr", lr, lambda v: v >= 0, "a finite number >= 0"),
-            ("decay", decay, lambda v: 0 < v <= 1, "a number in (0, 1]"),
-            ("weight_decay", weight_decay, lambda v: v >= 0, "None or a finite number >= 0")):
-        if value is None and name == "weight_decay":
-            continue
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or not ok(value):
-            raise ValueError(f"fastft.{where}: {name}={value!r} is invalid: it must be {rule}")
-    s = _Structure(model, layers, where)
-    L = s.num_layers
-
-    no_decay = set()
-    for _, m in model.named_modules():
-        for pn, p in m.named_parameters(recurse=False):
-            if pn.endswith("bias") or _is_norm(m):
-                no_decay.add(p)
-
-    parts = [("embeddings", s.embedding_params, L)]
-    parts += [(s.block_names[i], s.block_params[i], L - 1 - i) for i in range(L)]
-    parts.append(("head", s.head_params, 0))
-    groups = []
-    for name, params, depth in parts:
-        group_lr = lr * decay ** depth
-        for suffix, members, wd in (("", [p for p in params if p not in no_decay], weight_decay),
-                                    (".no_decay", [p for p in params if p in no_decay], 0.0)):
-            if not members:
-                continue
-            g = {"params": members, "lr": group_lr, "name": name + suffix}
-            if wd is not None:
-                g["weight_decay"] = wd
-            groups.append(g)
-    return groups

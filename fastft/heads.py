@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Dict, Optional, Union
 
 from torch import Tensor, nn
 
+from .atomic import atomic_write
+from .param_groups import mark_new
 from .pooling import POOL_MODES, Pool
 
-__all__ = ["ClassificationHead", "SequenceClassifier", "ClassifierOutput"]
+__all__ = ["ClassificationHead", "SequenceClassifier", "ClassifierOutput", "last_hidden_state"]
 
 HEAD_WEIGHTS = "fastft_head.safetensors"
 HEAD_CONFIG = "fastft_head.json"
@@ -70,7 +71,13 @@ class ClassifierOutput(dict):
         raise AttributeError(name)
 
 
-def _last_hidden_state(output: Any) -> Tensor:
+def last_hidden_state(output: Any) -> Tensor:
+    """The ``[B, T, H]`` hidden states of an encoder's output: the tensor itself, ``.last_hidden_state``
+    (a Hugging Face ModelOutput or dict) or the first item of a tuple.
+
+    Raises:
+        TypeError: no ``[B, T, H]`` tensor found.
+    """
     if isinstance(output, Tensor):
         return output
     hidden = getattr(output, "last_hidden_state", None)
@@ -111,6 +118,7 @@ class SequenceClassifier(nn.Module):
                                  "(no encoder.config.hidden_size); pass hidden_size=...")
         self.encoder = encoder
         self.head = ClassificationHead(hidden_size, num_labels, pool=pool, dropout=dropout)
+        mark_new(self.head)  # a fresh head: never anchored by L2-to-init (see fastft.param_groups)
         self.num_labels = num_labels
 
     @property
@@ -124,7 +132,7 @@ class SequenceClassifier(nn.Module):
             encoder_kwargs["input_ids"] = input_ids
         if attention_mask is not None:
             encoder_kwargs["attention_mask"] = attention_mask
-        hidden = _last_hidden_state(self.encoder(**encoder_kwargs))
+        hidden = last_hidden_state(self.encoder(**encoder_kwargs))
         logits = self.head(hidden, attention_mask)
         if labels is None:
             return ClassifierOutput(logits=logits)
@@ -151,10 +159,10 @@ class SequenceClassifier(nn.Module):
         if hasattr(self.encoder, "save_pretrained"):
             self.encoder.save_pretrained(path)
         else:
-            _atomic(path / ENCODER_WEIGHTS, lambda tmp: save_model(self.encoder, tmp))
+            atomic_write(path / ENCODER_WEIGHTS, lambda tmp: save_model(self.encoder, tmp))
         state = {k: v.detach().contiguous() for k, v in self.head.state_dict().items()}
-        _atomic(path / HEAD_WEIGHTS, lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
-        _atomic(path / HEAD_CONFIG, lambda tmp: Path(tmp).write_text(json.dumps(self.head.config(), indent=2)))
+        atomic_write(path / HEAD_WEIGHTS, lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
+        atomic_write(path / HEAD_CONFIG, lambda tmp: Path(tmp).write_text(json.dumps(self.head.config(), indent=2)))
 
     @classmethod
     def from_pretrained(cls, path: Union[str, os.PathLike], encoder: Optional[nn.Module] = None,
@@ -178,16 +186,5 @@ class SequenceClassifier(nn.Module):
         model = cls(encoder, config["num_labels"], pool=config["pool"], hidden_size=config["hidden_size"],
                     dropout=config["dropout"])
         model.head.load_state_dict(load_file(str(path / HEAD_WEIGHTS)))
+        mark_new(model.head, new=False)  # trained weights now: anchored like the encoder
         return model
-
-
-def _atomic(target: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, target)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise

@@ -157,3 +157,97 @@ def test_with_replay_and_forgetting_monitor():
     assert 0.0 < result.history[-1]["repr_cka"] <= 1.0 and monitor.kind == "representation"
     with pytest.raises(ValueError, match="mix=False"):
         fastft.MultiTaskTrainer(lm.bert, tasks, tokenizer=tok, mix=True, replay=fastft.Replay(general, 0.25, lm=lm))
+
+
+# --- everything Trainer's loop gives, for multi-task runs too ---------------------------------------
+
+
+def _one_task(n=32):
+    return {"a": fastft.Task(train=task_data(n, 2, seed=5), val=task_data(8, 2, seed=6), num_labels=2, dropout=0.0)}
+
+
+def test_gradient_accumulation_equals_bigger_batch():
+    kw = dict(epochs=1, lr=1e-2, hidden_size=16, group_by_length=False, warmup_ratio=0.0, scheduler="constant",
+              progress=False)
+    torch.manual_seed(0)
+    whole = fastft.MultiTaskTrainer(Encoder(), _one_task(), batch_size=8, **kw)
+    torch.manual_seed(0)
+    split = fastft.MultiTaskTrainer(Encoder(), _one_task(), batch_size=4, gradient_accumulation=2, **kw)
+    whole.fit()
+    split.fit()
+    assert whole.global_step == split.global_step == 4
+    for p, q in zip(whole.model.parameters(), split.model.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("scheduler, last_factor", [("constant", 1.0), ("cosine", 0.0), ("linear", 0.0)])
+def test_scheduler_choice(scheduler, last_factor):
+    trainer = fastft.MultiTaskTrainer(Encoder(), make_tasks(), scheduler=scheduler, warmup_ratio=0.0, lr=1e-3,
+                                      epochs=1, batch_size=16, hidden_size=16, progress=False)
+    trainer.fit()
+    assert trainer.scheduler.get_last_lr()[0] == pytest.approx(1e-3 * last_factor, abs=1e-9)
+    with pytest.raises(ValueError, match="scheduler"):
+        fastft.MultiTaskTrainer(Encoder(), make_tasks(), scheduler="step", hidden_size=16)
+
+
+def test_eval_every_steps():
+    trainer = fastft.MultiTaskTrainer(Encoder(), make_tasks(), eval_every=5, epochs=1, batch_size=16,
+                                      hidden_size=16, progress=False)
+    result = trainer.fit()
+    assert [r["step"] for r in result.history] == list(range(5, trainer.steps_per_epoch + 1, 5))
+    assert all("val_mean_accuracy" in r for r in result.history)
+
+
+def test_nonfinite_loss_stops_or_is_skipped(tmp_path):
+    class Exploding(Encoder):
+        calls = 0
+
+        def forward(self, input_ids, attention_mask=None):
+            Exploding.calls += 1
+            out = super().forward(input_ids, attention_mask)
+            return out * float("nan") if Exploding.calls == 3 else out
+
+    kw = dict(epochs=1, batch_size=16, hidden_size=16, progress=False)
+    with pytest.raises(FloatingPointError, match="MultiTaskTrainer: non-finite loss at optimizer step 3"):
+        fastft.MultiTaskTrainer(Exploding(), make_tasks(), **kw).fit()
+    Exploding.calls = 0
+    result = fastft.MultiTaskTrainer(Exploding(), make_tasks(), skip_nonfinite=True, **kw).fit()
+    assert result.skipped_steps == 1
+
+
+class _Crash(Exception):
+    pass
+
+
+class _CrashAt(fastft.Callback):
+    def __init__(self, step):
+        self.step = step
+
+    def on_step_end(self, trainer, step, loss):
+        if step == self.step:
+            raise _Crash()
+
+
+@pytest.mark.parametrize("mix", [False, True])
+def test_killed_run_resumes_bit_identically(tmp_path, mix):
+    def make(seed, out, callbacks=()):
+        torch.manual_seed(seed)  # a different initial encoder: resume must bring the checkpoint's weights back
+        tasks = make_tasks(dropout=0.2)  # dropout: the RNG state must come back too
+        return fastft.MultiTaskTrainer(Encoder(), tasks, sampling="temperature", mix=mix, epochs=3, batch_size=8,
+                                       lr=1e-2, l2_init=0.1, checkpoint_every=7, gradient_accumulation=2,
+                                       hidden_size=16, output_dir=str(out), callbacks=list(callbacks),
+                                       early_stopping=fastft.EarlyStopping(patience=5, monitor="val_mean_accuracy"),
+                                       progress=False)
+
+    full = make(0, tmp_path / "a")
+    full_result = full.fit()
+    crashing = make(0, tmp_path / "b", [_CrashAt(30)])  # the last checkpoint (step 28) is mid-epoch
+    with pytest.raises(_Crash):
+        crashing.fit()
+    resumed = make(123, tmp_path / "b")
+    result = resumed.resume()
+    for (n, a), b in zip(full.model.named_parameters(), resumed.model.parameters()):
+        assert torch.equal(a, b), n
+    assert result.history == full_result.history and result.global_step == full_result.global_step
+    assert resumed.task_counts == full.task_counts
+    assert (tmp_path / "b" / "model" / "tasks.json").is_file()

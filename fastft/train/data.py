@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from typing import Any, Dict, List, Optional, Sequence
 
 import torch
@@ -15,30 +14,32 @@ def _is_text(x: Any) -> bool:
     return isinstance(x, str)
 
 
-def prepare_examples(data: Any, tokenizer=None, max_length: Optional[int] = None, what: str = "data") -> List[Any]:
+def prepare_examples(data: Any, tokenizer=None, max_length: Optional[int] = None, what: str = "data",
+                     where: str = "fastft.Trainer") -> List[Any]:
     """Normalise a data set to a list of examples the collator understands.
 
     Accepted: a sequence / ``torch.utils.data.Dataset`` / ``datasets.Dataset`` of
     ``(input, label)`` pairs (tensors, numbers or — with a tokenizer — strings) or of dicts
     (``input_ids``, ``attention_mask``, ``labels`` ...). With a tokenizer, text pairs are tokenized
-    once, here (truncated to ``max_length``), so batches only pad.
+    once, here (truncated to ``max_length``), so batches only pad. Errors name ``where`` (the entry
+    point the user called) and ``what`` (the argument).
     """
     try:
         n = len(data)
     except TypeError:
-        raise TypeError(f"fastft.Trainer: {what} must be a sized sequence or Dataset (got {type(data).__name__})")
+        raise TypeError(f"{where}: {what} must be a sized sequence or Dataset (got {type(data).__name__})")
     if n == 0:
-        raise ValueError(f"fastft.Trainer: {what} is empty")
+        raise ValueError(f"{where}: {what} is empty")
     examples = [data[i] for i in range(n)]
     first = examples[0]
     if isinstance(first, dict):
         return [dict(e) for e in examples]
     if not (isinstance(first, (tuple, list)) and len(first) == 2):
-        raise TypeError(f"fastft.Trainer: each example of {what} must be an (input, label) pair or a dict, "
+        raise TypeError(f"{where}: each example of {what} must be an (input, label) pair or a dict, "
                         f"got {type(first).__name__}")
     if _is_text(first[0]):
         if tokenizer is None:
-            raise ValueError(f"fastft.Trainer: {what} holds text; pass tokenizer=... to tokenize it")
+            raise ValueError(f"{where}: {what} holds text; pass tokenizer=... to tokenize it")
         texts = [e[0] for e in examples]
         enc = tokenizer(texts, truncation=max_length is not None, max_length=max_length)
         keys = [k for k in ("input_ids", "attention_mask", "token_type_ids") if k in enc]
@@ -100,9 +101,8 @@ class Collator:
     """Stacks examples into a batch. Dict examples are padded to the longest in the batch (dynamic
     padding) with the tokenizer's pad id; ``(input, label)`` pairs become ``(inputs, labels)``."""
 
-    def __init__(self, pad_token_id: int = 0, pad_to_multiple_of: Optional[int] = None):
+    def __init__(self, pad_token_id: int = 0):
         self.pad_token_id = pad_token_id
-        self.pad_to_multiple_of = pad_to_multiple_of
 
     def __call__(self, examples: List[Any]):
         if isinstance(examples[0], dict):
@@ -115,8 +115,6 @@ class Collator:
         # Token-level labels (language modelling, tagging) are sequences too: padded with -100 (ignored).
         seq_keys = [k for k, v in examples[0].items() if _is_sequence(v)]
         longest = max(len(e[k]) for e in examples for k in seq_keys) if seq_keys else 0
-        if self.pad_to_multiple_of and longest:
-            longest = int(math.ceil(longest / self.pad_to_multiple_of) * self.pad_to_multiple_of)
         for key in examples[0]:
             values = [e[key] for e in examples]
             if key in seq_keys:

@@ -17,13 +17,14 @@ CLASSIFICATION_METRICS = ("accuracy", "f1", "f1_macro", "f1_micro", "auc")
 KNOWN = CLASSIFICATION_METRICS + ("perplexity",)
 
 
-def check_metric_names(names: Sequence) -> None:
-    """Raise ValueError for a metric name fastft does not know (callables are the user's own metrics)."""
+def check_metric_names(names: Sequence, where: str = "fastft.Trainer") -> None:
+    """Raise ValueError (naming ``where``) for a metric name fastft does not know (callables are the
+    user's own metrics)."""
     for name in names:
         if callable(name):
             continue
         if name not in KNOWN:
-            raise ValueError(f"fastft.Trainer: unknown metric {name!r}; known: {KNOWN}")
+            raise ValueError(f"{where}: unknown metric {name!r}; known: {KNOWN}")
 
 
 def compute_metrics(names: Sequence, logits: torch.Tensor, labels: torch.Tensor, loss: float) -> Dict[str, float]:

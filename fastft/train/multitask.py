@@ -2,26 +2,26 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import random
-import time
 import zlib
 from dataclasses import dataclass
+from difflib import get_close_matches
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .. import distributed as D
-from ..heads import ClassificationHead, ClassifierOutput, _last_hidden_state
-from ..optim import AdamW
-from .callbacks import EarlyStopping
-from .data import Collator, batch_order, example_length, prepare_examples
-from .metrics import check_metric_names, compute_metrics
-from .trainer import FitResult, _swap_in, _to, autocast, optimizer_step, warmup_then_decay
+from ..atomic import atomic_write
+from ..heads import ClassificationHead, ClassifierOutput, last_hidden_state
+from ..param_groups import mark_new
+from .data import batch_order, example_length, prepare_examples
+from .metrics import check_metric_names
+from .trainer import Trainer, _to
 
 __all__ = ["Task", "MultiTaskModel", "MultiTaskTrainer", "SAMPLING", "task_probabilities"]
 
@@ -90,6 +90,8 @@ class MultiTaskModel(nn.Module):
             if head_size is not None and head_size != hidden_size:
                 raise ValueError(f"fastft.MultiTaskModel: the head of task {name!r} takes hidden size {head_size}, "
                                  f"but the encoder's is {hidden_size}")
+            if t.head is None:
+                mark_new(head)  # a fresh head: never anchored by L2-to-init (see fastft.param_groups)
             heads[name] = head
         self.heads = nn.ModuleDict(heads)
 
@@ -108,7 +110,7 @@ class MultiTaskModel(nn.Module):
             encoder_kwargs["input_ids"] = input_ids
         if attention_mask is not None:
             encoder_kwargs["attention_mask"] = attention_mask
-        hidden = _last_hidden_state(self.encoder(**encoder_kwargs))
+        hidden = last_hidden_state(self.encoder(**encoder_kwargs))
         if isinstance(task, str):
             if task not in self.heads:
                 raise KeyError(f"fastft.MultiTaskModel: unknown task {task!r}; tasks: {sorted(self.heads)}")
@@ -136,7 +138,7 @@ class MultiTaskModel(nn.Module):
 
     def save_pretrained(self, path: Union[str, Path]) -> None:
         """The encoder (``save_pretrained`` or ``encoder.safetensors``) and every head
-        (``heads.safetensors`` + ``tasks.json``)."""
+        (``heads.safetensors`` + ``tasks.json``), each file written atomically."""
         from safetensors.torch import save_file, save_model
 
         path = Path(path)
@@ -144,11 +146,12 @@ class MultiTaskModel(nn.Module):
         if hasattr(self.encoder, "save_pretrained"):
             self.encoder.save_pretrained(path)
         else:
-            save_model(self.encoder, str(path / "encoder.safetensors"))
-        save_file({k: v.detach().contiguous() for k, v in self.heads.state_dict().items()},
-                  str(path / "heads.safetensors"))
+            atomic_write(path / "encoder.safetensors", lambda tmp: save_model(self.encoder, tmp))
+        heads = {k: v.detach().contiguous() for k, v in self.heads.state_dict().items()}
+        atomic_write(path / "heads.safetensors", lambda tmp: save_file(heads, tmp, metadata={"format": "pt"}))
         config = {name: h.config() for name, h in self.heads.items() if hasattr(h, "config")}
-        (path / "tasks.json").write_text(json.dumps({"hidden_size": self.hidden_size, "heads": config}, indent=2))
+        meta = json.dumps({"hidden_size": self.hidden_size, "heads": config}, indent=2)
+        atomic_write(path / "tasks.json", lambda tmp: Path(tmp).write_text(meta))
 
     @classmethod
     def from_pretrained(cls, path: Union[str, Path], encoder: Optional[nn.Module] = None) -> "MultiTaskModel":
@@ -169,270 +172,206 @@ class MultiTaskModel(nn.Module):
                  for name, c in meta["heads"].items()}
         model = cls(encoder, tasks, hidden_size=meta["hidden_size"])
         model.heads.load_state_dict(load_file(str(path / "heads.safetensors")))
+        mark_new(*model.heads.values(), new=False)  # trained weights now: anchored like the encoder
         return model
 
 
-class MultiTaskTrainer:
-    """Fine-tune one shared encoder on several tasks, each with its own head.
+#: Trainer arguments that a multi-task run sets per task (on each :class:`Task`) instead.
+PER_TASK = {"val_data": "Task.val", "num_labels": "Task.num_labels", "metrics": "Task.metrics",
+            "loss_fn": "Task.loss_weight (the loss is each head's cross-entropy)"}
 
-    Every optimizer step trains on one task's batch (``mix=False``, the default) or on a batch
-    mixing tasks (``mix=True``: the encoder runs once, each head on its rows). Tasks are drawn by
-    ``sampling``: "proportional" (to data size), "temperature" (size^(1/T)), "uniform" or
-    "round_robin". Each task walks its own shuffled data: every example is seen once per
-    task-epoch, then the task reshuffles. An epoch is as many batches as all tasks' data fills.
-    The loss of a task is multiplied by its ``loss_weight``.
 
-    Validation after each epoch records per-task ``val_<task>_<metric>`` and the mean over tasks
-    ``val_mean_<metric>`` (``val_loss`` is the mean validation loss), so ``EarlyStopping`` can
-    monitor the mean or a named task. One :class:`fastft.AdamW` over everything: L2-to-init
-    applies to the encoder (the new heads are not anchored); ``freeze=n`` freezes the encoder's
-    embeddings and lowest n blocks.
+class _TaskSampler:
+    """The task draw of a multi-task run, seeded: which task (or, mixing, which rows) each batch takes.
+    Each task walks its own shuffled pass (task-epoch) and reshuffles when it runs out."""
 
-    Under torchrun it trains data-parallel as :class:`fastft.Trainer` does: every rank draws the
-    same task (or the same mixed rows) from the same seeded sampler and trains on its share of the
-    global ``batch_size``; DDP runs with ``find_unused_parameters`` (the heads of absent tasks get
-    no gradient); validation is sharded and gathered; rank 0 writes.
+    def __init__(self, trainer: "MultiTaskTrainer") -> None:
+        self.t = trainer
+        self.names = list(trainer.tasks)
+        self.rng = random.Random(trainer.seed)
+        self.task_epochs = {k: 0 for k in self.names}
+        self.queues: Dict[str, List[List[int]]] = {k: [] for k in self.names}
+        self.rows: Dict[str, List[int]] = {k: [] for k in self.names}  # mixing: rows left of a task's batch
+        self.rr = 0
+        self.epochs_done = 0
+
+    def next_batch(self, task: str) -> List[int]:
+        """The next batch of ``task``'s own shuffled pass (indices into its examples)."""
+        if not self.queues[task]:
+            lengths = [example_length(e) for e in self.t.task_train[task]]
+            g = torch.Generator().manual_seed(self.t.seed * 1_000_003 + zlib.crc32(task.encode()) % 100_003 * 101
+                                              + self.task_epochs[task])
+            self.queues[task] = batch_order(lengths, self.t.task_batch_size, g, True, self.t.group_by_length)
+            self.task_epochs[task] += 1
+        return self.queues[task].pop(0)
+
+    def draw_task(self) -> str:
+        if self.t.sampling == "round_robin":
+            name = self.names[self.rr % len(self.names)]
+            self.rr += 1
+            return name
+        return self.rng.choices(self.names, weights=[self.t.probabilities[n] for n in self.names])[0]
+
+    def epoch(self) -> List[List[int]]:
+        """The next epoch's batches as indices into the trainer's ``train_examples``."""
+        offsets, batches = self.t.offsets, []
+        for _ in range(self.t._batches_per_epoch()):
+            if not self.t.mix:
+                task = self.draw_task()
+                batches.append([offsets[task] + i for i in self.next_batch(task)])
+                continue
+            batch = []
+            for _ in range(self.t.task_batch_size):
+                task = self.draw_task()
+                if not self.rows[task]:
+                    self.rows[task] = self.next_batch(task)
+                batch.append(offsets[task] + self.rows[task].pop(0))
+            batches.append(batch)
+        self.epochs_done += 1
+        return batches
+
+
+class MultiTaskTrainer(Trainer):
+    """Fine-tune one shared encoder on several tasks, each with its own head — :class:`fastft.Trainer`'s
+    loop with three things of its own: which examples make a batch (the task draw), the loss of a
+    batch (its task's head, times the task's ``loss_weight``) and validation per task.
+
+    Every batch trains on one task's examples (``mix=False``, the default) or mixes tasks row by row
+    (``mix=True``: the encoder runs once, each head on its rows). Tasks are drawn by ``sampling``:
+    "proportional" (to data size), "temperature" (size^(1/T), as T5 / mT5), "uniform" or
+    "round_robin". Each task walks its own shuffled data: every example once per task-epoch, then
+    the task reshuffles. An epoch is as many batches as all tasks' data fills. The draw is seeded,
+    and a function of the seed and the epoch, so :meth:`resume` continues it exactly.
+
+    Validation (every epoch or ``eval_every`` steps) records per task ``val_<task>_<metric>``, the
+    mean over tasks ``val_mean_<metric>``, and ``val_loss`` = the mean validation loss, so
+    ``EarlyStopping`` can monitor the mean or a named task. The new heads are never anchored by
+    L2-to-init; ``freeze=n`` freezes the encoder's embeddings and lowest n blocks.
+
+    Args:
+        encoder: the shared pretrained encoder (a Hugging Face encoder or any module returning
+            ``last_hidden_state`` / a [B, T, H] tensor).
+        tasks: task name -> :class:`Task` (training and validation data, heads, metrics, loss weight).
+        sampling: "proportional", "temperature", "uniform" or "round_robin". Default "proportional".
+        temperature: T of "temperature" sampling (> 0). Default 2.0.
+        mix: mix tasks within a batch (not with ``replay``). Default False.
+        hidden_size: the encoder's hidden size; None reads ``encoder.config.hidden_size``.
+        **trainer_kwargs: every keyword argument of :class:`fastft.Trainer`, with its meaning, units
+            and default (epochs, batch_size, lr, weight_decay, l2_init, l2_init_mode, freeze,
+            layerwise_lr_decay, max_grad_norm, warmup_ratio, scheduler, gradient_accumulation,
+            early_stopping, precision, output_dir, tokenizer, max_length, group_by_length, eval_every,
+            eval_batch_size, callbacks, seed, skip_nonfinite, checkpoint_every, progress, device,
+            replay, find_unused_parameters, new_modules) — except those set per task: ``val_data``
+            (``Task.val``), ``num_labels``, ``metrics``, ``loss_fn``. ``find_unused_parameters`` is
+            always True under torchrun (the heads of tasks absent from a batch get no gradient).
+
+    Attributes:
+        task_counts: batches (``mix=False``) or rows (``mix=True``) trained per task so far.
+        probabilities: how often each task is drawn.
+
+    Raises:
+        TypeError: a task is not a :class:`Task`, or an argument :class:`fastft.Trainer` does not
+            take (with the closest one) or that is set per task.
+        ValueError: as :class:`fastft.Trainer`, and for empty ``tasks``, ``num_labels < 2``, a negative
+            ``loss_weight``, a bad ``sampling`` / ``temperature``, ``mix`` with ``replay``, or a label
+            outside its task's ``[0, num_labels)`` (naming ``task 'x' train[i]``).
     """
 
+    where = "fastft.MultiTaskTrainer"
+
     def __init__(self, encoder: nn.Module, tasks: Dict[str, Task], *, sampling: str = "proportional",
-                 temperature: float = 2.0, mix: bool = False, epochs: int = 3, batch_size: int = 32,
-                 lr: float = 2e-5, weight_decay: float = 0.01, l2_init: float = 0.0, freeze: Optional[int] = None,
-                 max_grad_norm: Optional[float] = 1.0, warmup_ratio: float = 0.1,
-                 early_stopping: Optional[EarlyStopping] = None, precision: str = "fp32",
-                 output_dir: Optional[str] = None, tokenizer: Any = None, max_length: Optional[int] = None,
-                 group_by_length: bool = True, seed: int = 0, callbacks: Sequence[Any] = (), progress: bool = True,
-                 device: Optional[str] = None, hidden_size: Optional[int] = None, replay: Any = None) -> None:
+                 temperature: float = 2.0, mix: bool = False, hidden_size: Optional[int] = None,
+                 **trainer_kwargs: Any) -> None:
+        where = self.where
         if not isinstance(tasks, dict) or not tasks:
-            raise ValueError("fastft.MultiTaskTrainer: tasks must be a non-empty dict of name -> fastft.Task")
+            raise ValueError(f"{where}: tasks must be a non-empty dict of name -> fastft.Task")
         for name, t in tasks.items():
             if not isinstance(t, Task):
-                raise TypeError(f"fastft.MultiTaskTrainer: task {name!r} must be a fastft.Task, got {type(t).__name__}")
+                raise TypeError(f"{where}: task {name!r} must be a fastft.Task, got {type(t).__name__}")
             if not isinstance(t.num_labels, int) or t.num_labels < 2:
-                raise ValueError(f"fastft.MultiTaskTrainer: task {name!r} needs num_labels >= 2, got {t.num_labels!r}")
+                raise ValueError(f"{where}: task {name!r} needs num_labels >= 2, got {t.num_labels!r}")
             if not (isinstance(t.loss_weight, (int, float)) and t.loss_weight >= 0):
-                raise ValueError(f"fastft.MultiTaskTrainer: task {name!r} has loss_weight {t.loss_weight!r}; must be >= 0")
-            check_metric_names(tuple(t.metrics))
-        if precision not in ("fp32", "bf16", "fp16"):
-            raise ValueError(f"fastft.MultiTaskTrainer: precision must be fp32, bf16 or fp16, got {precision!r}")
-        for label, value in (("epochs", epochs), ("batch_size", batch_size)):
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"fastft.MultiTaskTrainer: {label} must be an int >= 1, got {value!r}")
+                raise ValueError(f"{where}: task {name!r} has loss_weight {t.loss_weight!r}; must be >= 0")
+            check_metric_names(tuple(t.metrics), where)
+        allowed = [n for n, p in inspect.signature(Trainer.__init__).parameters.items() if p.kind == p.KEYWORD_ONLY]
+        for key in trainer_kwargs:
+            if key in PER_TASK:
+                raise TypeError(f"{where}: {key} is set per task, on {PER_TASK[key]}")
+            if key not in allowed:
+                hint = get_close_matches(key, allowed, n=1)
+                raise TypeError(f"{where}: unexpected argument {key!r}" + (f"; did you mean {hint[0]!r}?" if hint
+                                                                             else f"; it takes {sorted(allowed)}"))
+        task_probabilities({k: 1 for k in tasks}, sampling, temperature)  # checks sampling and temperature
+        if mix and trainer_kwargs.get("replay") is not None:
+            raise ValueError(f"{where}: replay works with one task per batch (mix=False)")
         self.tasks = tasks
         self.sampling, self.temperature, self.mix = sampling, temperature, mix
-        self.epochs, self.batch_size, self.precision, self.seed = epochs, batch_size, precision, seed
-        self.group_by_length, self.progress = group_by_length, progress
-        self.tokenizer, self.early_stopping = tokenizer, early_stopping
-        self.callbacks: List[Any] = list(callbacks) + ([early_stopping] if early_stopping else [])
-        self.output_dir = Path(output_dir) if output_dir else None
-        self.distributed = D.init_distributed()
-        self.rank, self.world_size = D.get_rank(), D.get_world_size()
-        if batch_size % self.world_size:
-            raise ValueError(f"fastft.MultiTaskTrainer: batch_size is the global batch and must be divisible by the "
-                             f"{self.world_size} processes; got {batch_size}")
-        self.progress = progress and D.is_main_process()
-        self.device = torch.device(device) if device else D.default_device()
-
-        self.train_examples: Dict[str, List[Any]] = {}
-        self.val_examples: Dict[str, List[Any]] = {}
-        for name, t in tasks.items():
-            self.train_examples[name] = _as_dicts(prepare_examples(t.train, tokenizer, max_length,
-                                                                   f"task {name!r} train"))
-            if t.val is not None:
-                self.val_examples[name] = _as_dicts(prepare_examples(t.val, tokenizer, max_length,
-                                                                     f"task {name!r} val"))
-            for split, examples in (("train", self.train_examples[name]), ("val", self.val_examples.get(name, []))):
-                for i, e in enumerate(examples):
-                    y = e.get("labels") if isinstance(e, dict) else e[1]
-                    y = int(y.item() if isinstance(y, Tensor) else y)
-                    if not 0 <= y < t.num_labels:
-                        raise ValueError(f"fastft.MultiTaskTrainer: task {name!r} {split}[{i}] has label {y}, outside "
-                                         f"[0, {t.num_labels})")
-        self.probabilities = task_probabilities({k: len(v) for k, v in self.train_examples.items()}, sampling,
+        model = MultiTaskModel(encoder, tasks, hidden_size=hidden_size)
+        trainer_kwargs["find_unused_parameters"] = True
+        trainer_kwargs["metrics"] = ()
+        super().__init__(model, None, **trainer_kwargs)
+        self.probabilities = task_probabilities({k: len(v) for k, v in self.task_train.items()}, sampling,
                                                 temperature)
-        self.model = MultiTaskModel(encoder, tasks, hidden_size=hidden_size)
-        self.freeze_plan = None
-        if freeze is not None:
-            from ..freezing import freeze_layers
-
-            self.freeze_plan = freeze_layers(encoder, freeze)
-        self.model.to(self.device)
-        # Replay (fastft.Replay with lm= an LM sharing the encoder): r of every batch_size rows are replay text.
-        self.replay = replay
-        self.task_batch_size = batch_size
-        if replay is not None:
-            if mix:
-                raise ValueError("fastft.MultiTaskTrainer: replay works with one task per batch (mix=False)")
-            r = replay.count(batch_size)
-            if r >= batch_size:
-                raise ValueError(f"fastft.MultiTaskTrainer: replay ratio {replay.ratio} leaves no task example in a "
-                                 f"batch of {batch_size}")
-            self.task_batch_size = batch_size - r
-            replay.bind(self.model, tokenizer)
-            replay.lm.to(self.device)
-        self.collate = Collator(pad_token_id=getattr(tokenizer, "pad_token_id", None) or 0)
-
-        head_ids = {id(p) for p in self.model.heads.parameters()}
-        groups = []
-        for anchored in (True, False):
-            params = [p for p in self.model.parameters() if (id(p) not in head_ids) == anchored]
-            for decay in (True, False):
-                members = [p for p in params if (p.dim() > 1) == decay]
-                if members:
-                    groups.append({"params": members, "weight_decay": weight_decay if decay else 0.0,
-                                   "l2_init": l2_init if anchored else 0.0})
-        self.optimizer = AdamW(groups, lr=lr, weight_decay=weight_decay, l2_init=l2_init, max_grad_norm=max_grad_norm)
-        self.steps_per_epoch = sum(math.ceil(len(v) / self.task_batch_size) for v in self.train_examples.values())
-        total = self.steps_per_epoch * epochs
-        warmup = int(total * warmup_ratio)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, warmup_then_decay(total, warmup))
-        self.scaler = torch.amp.GradScaler(self.device.type) if precision == "fp16" else None
-        #: The module training steps go through (under torchrun the DDP wrapper).
-        self.training_module = D.DDPCache(self.model, self.device, find_unused_parameters=True)
-        self.history: List[Dict[str, float]] = []
-        self.global_step = 0
-        self.should_stop = self.stopped_early = False
-        #: optimizer steps (mix=False) or examples (mix=True) per task so far
         self.task_counts: Dict[str, int] = {k: 0 for k in tasks}
-        self._rng = random.Random(seed)
-        self._task_epochs = {k: 0 for k in tasks}
-        self._queues: Dict[str, List[List[int]]] = {k: [] for k in tasks}
-        self._row_queue: Dict[str, List[int]] = {k: [] for k in tasks}  # mix=True: rows left of a task's batch
-        self._rr = 0
+        self._sampler = _TaskSampler(self)
 
-    # --- sampling ---------------------------------------------------------------------------------
+    # --- Trainer's hooks --------------------------------------------------------------------------
 
-    def _next_batch(self, task: str) -> List[int]:
-        """The next batch of ``task``'s own shuffled pass; a new pass (task-epoch) when it runs out."""
-        if not self._queues[task]:
-            lengths = [example_length(e) for e in self.train_examples[task]]
-            g = torch.Generator().manual_seed(self.seed * 1_000_003 + zlib.crc32(task.encode()) % 100_003 * 101
-                                              + self._task_epochs[task])
-            self._queues[task] = batch_order(lengths, self.task_batch_size, g, True, self.group_by_length)
-            self._task_epochs[task] += 1
-        return self._queues[task].pop(0)
+    def _setup_data(self, train_data: Any, val_data: Any) -> None:
+        """Per task, its examples (``task_train`` / ``task_val``); ``train_examples`` holds them all,
+        task after task (``offsets[task]`` is where a task starts, ``task_of[i]`` whose example i is)."""
+        self.task_train: Dict[str, List[Dict[str, Any]]] = {}
+        self.task_val: Dict[str, List[Dict[str, Any]]] = {}
+        self.train_examples, self.task_of, self.offsets = [], [], {}
+        for name, t in self.tasks.items():
+            prep = lambda data, split: _as_dicts(prepare_examples(  # noqa: E731
+                data, self.tokenizer, self.max_length, f"task {name!r} {split}", self.where))
+            self.task_train[name] = prep(t.train, "train")
+            if t.val is not None:
+                self.task_val[name] = prep(t.val, "val")
+            for split, examples in (("train", self.task_train[name]), ("val", self.task_val.get(name, []))):
+                self._check_labels(examples, f"task {name!r} {split}", t.num_labels)
+            self.offsets[name] = len(self.train_examples)
+            self.train_examples += self.task_train[name]
+            self.task_of += [name] * len(self.task_train[name])
+        self.val_examples = None
 
-    def _draw_task(self) -> str:
-        names = list(self.tasks)
-        if self.sampling == "round_robin":
-            name = names[self._rr % len(names)]
-            self._rr += 1
-            return name
-        return self._rng.choices(names, weights=[self.probabilities[n] for n in names])[0]
+    def _freeze_target(self) -> nn.Module:
+        return self.model.encoder
 
-    # --- steps ------------------------------------------------------------------------------------
+    def _batches_per_epoch(self) -> int:
+        return sum(math.ceil(len(v) / self.task_batch_size) for v in self.task_train.values())
 
-    def _autocast(self):
-        return autocast(self.device, self.precision)
+    def _epoch_batches(self, epoch: int) -> List[List[int]]:
+        if self._sampler.epochs_done > epoch:
+            self._sampler = _TaskSampler(self)
+        while self._sampler.epochs_done < epoch:
+            self._sampler.epoch()
+        return self._sampler.epoch()
 
-    def _shard(self, indices: Sequence[int]):
-        return D.shard(indices, self.rank, self.world_size)
+    def _micro_loss(self, module: nn.Module, batch_indices: List[int], *args: Any, **kwargs: Any) -> Tensor:
+        if self.mix:
+            for i in batch_indices:
+                self.task_counts[self.task_of[i]] += 1
+        else:
+            self.task_counts[self.task_of[batch_indices[0]]] += 1
+        return super()._micro_loss(module, batch_indices, *args, **kwargs)
 
-    def _task_loss(self, module: nn.Module, task: str) -> Tensor:
-        """This rank's share of the mean loss of ``task``'s next global batch (replay rows included)."""
-        idx = self._next_batch(task)
-        local, real = self._shard(idx)
-        batch = _to(self.collate([self.train_examples[task][i] for i in local]), self.device)
+    def _rows_loss(self, module: nn.Module, indices: List[int]) -> Tensor:
+        batch = _to(self.collate([self.train_examples[i] for i in indices]), self.device)
         with self._autocast():
-            out = module(task, **batch)
-        r = self.replay.count(self.batch_size) if self.replay is not None else 0
-        rows = len(idx) + r
-        total = out.loss.float() * float(self.tasks[task].loss_weight) * ((len(local) if real else 0.0) / rows)
-        if r:
-            replayed = self.replay.next(r)  # every rank draws the same rows and keeps its share
-            with self._autocast():
-                total = total + self.replay.weight * r / rows * self.replay.loss_share(
-                    replayed, self.device, rank=self.rank, world_size=self.world_size)
-        self.task_counts[task] += 1
-        return total
+            if self.mix:
+                weights = {name: float(t.loss_weight) for name, t in self.tasks.items()}
+                return module([self.task_of[i] for i in indices], **batch, loss_weights=weights).loss.float()
+            task = self.task_of[indices[0]]
+            return module(task, **batch).loss.float() * float(self.tasks[task].loss_weight)
 
-    def _mixed_loss(self, module: nn.Module) -> Tensor:
-        """A batch whose rows come from tasks drawn one by one: the encoder runs once on all rows.
-        Returns this rank's share of the batch's mean loss."""
-        rows = []
-        for _ in range(self.batch_size):
-            task = self._draw_task()
-            if not self._row_queue[task]:
-                self._row_queue[task] = self._next_batch(task)
-            rows.append((task, self._row_queue[task].pop(0)))
-        for task, _ in rows:
-            self.task_counts[task] += 1
-        local, real = self._shard(range(len(rows)))
-        mine = [rows[i] for i in local]
-        batch = _to(self.collate([self.train_examples[t][i] for t, i in mine]), self.device)
-        weights = {name: float(t.loss_weight) for name, t in self.tasks.items()}
-        with self._autocast():
-            out = module([t for t, _ in mine], **batch, loss_weights=weights)
-        return out.loss * (len(mine) / len(rows) if real else 0.0)
-
-    def fit(self) -> FitResult:
-        """Train for ``epochs`` (or until early stopping); returns a :class:`fastft.FitResult`."""
-        from tqdm.auto import tqdm
-
-        torch.manual_seed(self.seed + self.rank)  # under torchrun: different dropout masks per rank
-        np.random.seed(self.seed + self.rank)
-        if self.output_dir and D.is_main_process():
-            self.output_dir.mkdir(parents=True, exist_ok=True)
-        self.model.train()
-        for cb in self.callbacks:
-            getattr(cb, "on_fit_start", lambda *a: None)(self)
-        bar = tqdm(total=self.steps_per_epoch * self.epochs, disable=not self.progress, desc="multi-task")
-        start = time.perf_counter()
-        for epoch in range(self.epochs):
-            run_loss = 0.0
-            for _ in range(self.steps_per_epoch):
-                module = self.training_module()
-                loss = self._mixed_loss(module) if self.mix else self._task_loss(module, self._draw_task())
-                step_loss = float(loss.detach())
-                nonfinite = 0.0 if math.isfinite(step_loss) else 1.0
-                # The global loss, and the same decision on every rank (identity in one process).
-                step_loss, nonfinite = D.all_reduce_sum([step_loss, nonfinite])
-                if nonfinite:
-                    self.optimizer.zero_grad(set_to_none=True)
-                    raise FloatingPointError(f"fastft.MultiTaskTrainer: non-finite loss at step {self.global_step + 1}")
-                scaled = loss * self.world_size  # DDP averages gradients over the ranks
-                (self.scaler.scale(scaled) if self.scaler else scaled).backward()
-                optimizer_step(self.optimizer, self.scheduler, self.scaler)
-                self.global_step += 1
-                run_loss += step_loss
-                bar.update(1)
-                for cb in self.callbacks:
-                    getattr(cb, "on_step_end", lambda *a: None)(self, self.global_step, step_loss)
-                self.should_stop = D.any_rank(self.should_stop)
-                if self.should_stop:
-                    break
-            for cb in self.callbacks:
-                getattr(cb, "on_epoch_end", lambda *a: None)(self, epoch)
-            record = {"epoch": epoch + 1, "step": self.global_step, "train_loss": run_loss / self.steps_per_epoch,
-                      "seconds": time.perf_counter() - start}
-            if self.val_examples:
-                record.update({f"val_{k}": v for k, v in self._validate().items()})
-                for cb in self.callbacks:  # may add to the record (e.g. ForgettingMonitor)
-                    getattr(cb, "on_evaluate", lambda *a: None)(self, record)
-            self.should_stop = D.any_rank(self.should_stop)
-            self.history.append(record)
-            if self.output_dir and D.is_main_process():
-                with open(self.output_dir / "metrics.jsonl", "a") as f:
-                    f.write(json.dumps(record) + "\n")
-            if self.should_stop:
-                break
-        bar.close()
-        for cb in self.callbacks:
-            getattr(cb, "on_fit_end", lambda *a: None)(self)
-        if self.output_dir and D.is_main_process():
-            tmp = self.output_dir / ".model.tmp"
-            self.model.save_pretrained(tmp)
-            _swap_in(tmp, self.output_dir / "model")
-        D.barrier()
-        es = self.early_stopping
-        return FitResult(history=list(self.history), best_epoch=es.best_epoch if es else None,
-                         best_metric=es.best if es else None, stopped_early=self.stopped_early,
-                         global_step=self.global_step, output_dir=str(self.output_dir) if self.output_dir else None)
-
-    # --- evaluation -------------------------------------------------------------------------------
+    def _has_validation(self) -> bool:
+        return bool(self.task_val)
 
     def _validate(self) -> Dict[str, float]:
         out: Dict[str, float] = {}
-        per_task = {name: self.evaluate(name) for name in self.val_examples}
+        per_task = {name: self.evaluate(name) for name in self.task_val}
         for name, res in per_task.items():
             out.update({f"{name}_{k}": v for k, v in res.items()})
         keys = set.intersection(*(set(r) for r in per_task.values()))
@@ -441,52 +380,78 @@ class MultiTaskTrainer:
         out["loss"] = out["mean_loss"]
         return out
 
-    @torch.no_grad()
+    def _extra_state(self) -> Dict[str, Any]:
+        return {"task_counts": self.task_counts}
+
+    def _load_extra_state(self, state: Dict[str, Any]) -> None:
+        self.task_counts = dict(state.get("task_counts", self.task_counts))
+
+    # --- the task draw, for inspection ------------------------------------------------------------
+
+    def _draw_task(self) -> str:
+        return self._sampler.draw_task()
+
+    def _next_batch(self, task: str) -> List[int]:
+        return self._sampler.next_batch(task)
+
+    @property
+    def _task_epochs(self) -> Dict[str, int]:
+        return self._sampler.task_epochs
+
+    # --- evaluation -------------------------------------------------------------------------------
+
+    def _check_task(self, task: str, what: str) -> None:
+        if task not in self.tasks:
+            raise KeyError(f"{self.where}.{what}: unknown task {task!r}; tasks: {sorted(self.tasks)}")
+
+    def _task_forward(self, task: str, batch: Any) -> Tuple[Tensor, Tensor, Tensor]:
+        batch = _to(batch, self.device)
+        with self._autocast():
+            out = self.model(task, **batch)
+        return out.loss.float(), out.logits, batch["labels"]
+
     def evaluate(self, task: str, data: Any = None) -> Dict[str, float]:
         """Loss and metrics of ``task`` on ``data`` (default: its validation data). Under torchrun each
-        rank evaluates every N-th example and all ranks return the same numbers."""
-        if task not in self.tasks:
-            raise KeyError(f"fastft.MultiTaskTrainer: unknown task {task!r}; tasks: {sorted(self.tasks)}")
-        examples = self.val_examples.get(task) if data is None else _as_dicts(
-            prepare_examples(data, self.tokenizer, None, f"task {task!r} data"))
-        if not examples:
-            raise ValueError(f"fastft.MultiTaskTrainer.evaluate: task {task!r} has no validation data; pass data=")
-        was = self.model.training
-        self.model.eval()
-        total, logits_all, labels_all = 0.0, [], []
-        mine = examples[self.rank::self.world_size]
-        for i in range(0, len(mine), self.batch_size):
-            batch = _to(self.collate(mine[i:i + self.batch_size]), self.device)
-            with self._autocast():
-                out = self.model(task, **batch)
-            total += float(out.loss) * len(batch["labels"])
-            logits_all.append(out.logits.float().cpu())
-            labels_all.append(batch["labels"].cpu())
-        self.model.train(was)
-        total, count, logits, labels = D.gather_evaluation(
-            total, len(mine), torch.cat(logits_all) if logits_all else None,
-            torch.cat(labels_all) if labels_all else None)
-        loss = total / count
-        res = {"loss": loss}
-        res.update(compute_metrics(tuple(self.tasks[task].metrics), logits, labels, loss))
-        return res
+        rank evaluates every N-th example and all ranks return the same numbers.
 
-    @torch.no_grad()
+        Raises:
+            KeyError: unknown task. ValueError: no ``data`` and the task has no validation data.
+        """
+        self._check_task(task, "evaluate")
+        if data is None:
+            examples = self.task_val.get(task)
+        else:
+            examples = _as_dicts(prepare_examples(data, self.tokenizer, self.max_length, f"task {task!r} data",
+                                                  f"{self.where}.evaluate"))
+        if not examples:
+            raise ValueError(f"{self.where}.evaluate: task {task!r} has no validation data; pass data=")
+        return self._evaluate_examples(examples, lambda batch: self._task_forward(task, batch),
+                                       tuple(self.tasks[task].metrics))
+
     def predict(self, task: str, data: Any) -> Tensor:
-        """Logits of ``task``'s head for every example of ``data``, in order."""
-        if task not in self.tasks:
-            raise KeyError(f"fastft.MultiTaskTrainer: unknown task {task!r}; tasks: {sorted(self.tasks)}")
-        examples = _as_dicts(prepare_examples(data, self.tokenizer, None, "data"))
-        was = self.model.training
-        self.model.eval()
-        out = []
-        for i in range(0, len(examples), self.batch_size):
-            batch = _to(self.collate(examples[i:i + self.batch_size]), self.device)
-            batch.pop("labels", None)
-            with self._autocast():
-                out.append(self.model(task, **batch).logits.float().cpu())
-        self.model.train(was)
-        return torch.cat(out)
+        """Logits (float32 ``[N, num_labels]``) of ``task``'s head for every example of ``data``, in order.
+
+        Raises:
+            KeyError: unknown task.
+        """
+        self._check_task(task, "predict")
+        examples = _as_dicts(prepare_examples(data, self.tokenizer, self.max_length, "data",
+                                              f"{self.where}.predict"))
+        return self._predict_examples(
+            examples, lambda batch: self.model(task, **{k: v for k, v in batch.items() if k != "labels"}))
+
+
+def _merged_signature() -> inspect.Signature:
+    """MultiTaskTrainer's own parameters, then Trainer's keyword arguments it takes (for help() and tools)."""
+    own = inspect.signature(MultiTaskTrainer.__init__)
+    params = [p for p in own.parameters.values() if p.kind != p.VAR_KEYWORD]
+    names = {p.name for p in params}
+    params += [p for n, p in inspect.signature(Trainer.__init__).parameters.items()
+               if p.kind == p.KEYWORD_ONLY and n not in names and n not in PER_TASK]
+    return own.replace(parameters=params)
+
+
+MultiTaskTrainer.__init__.__signature__ = _merged_signature()
 
 
 def _as_dicts(examples: List[Any]) -> List[Dict[str, Any]]:
