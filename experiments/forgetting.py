@@ -10,9 +10,9 @@ that never overlap; forgetting = the rise of the held-out next-token loss.
 Runs (same start, same data, one pass over the training subset): plain lr 1e-4; lr 1e-5; L2-to-init
 at two strengths; replay 10% and 30%; the lower half of the blocks frozen; replay 30% + L2-to-init;
 plus zero-shot and 4-shot prompting of the untouched model. Writes one table to
-benchmarks/results/forgetting_cpu.csv/.json and the trade-off plot forgetting_tradeoff.png.
+experiments/results/forgetting_cpu.csv/.json and the trade-off plot forgetting_tradeoff.png.
 
-    python benchmarks/forgetting.py [--train 400] [--test 200]
+    python experiments/forgetting.py [--train 400] [--test 200]
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ import copy
 import importlib.util
 import os
 import platform
+import sys
 import time
 from pathlib import Path
 
@@ -32,7 +33,8 @@ import torch  # noqa: E402
 
 import fastft  # noqa: E402
 from fastft import datasets  # noqa: E402
-from fastft.forgetting import _label_scores  # noqa: E402
+from fastft.prompting import label_scores  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))  # the benchmarks' result writer
 from _common import git_commit, write_results  # noqa: E402
 
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -67,7 +69,7 @@ def accuracy(model, tok, test):
                for t, _ in test]
     label_ids = [tok(" " + w, add_special_tokens=False)["input_ids"] for w in LABELS]
     model.eval()
-    scores = _label_scores(model, prompts, label_ids, torch.device("cpu"), 512, 16)
+    scores = label_scores(model, prompts, label_ids, torch.device("cpu"), 512, 16)
     model.train()
     return float((scores.argmax(-1) == torch.tensor([y for _, y in test])).float().mean())
 
