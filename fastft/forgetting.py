@@ -41,6 +41,9 @@ class ForgettingMonitor(Callback):
     folder gets ``forgetting.png`` (task metric and pretraining loss per epoch).
     """
 
+    #: The keys the monitor adds to evaluation records (a language model's, or an encoder's).
+    record_keys = ("pretrain_loss", "pretrain_ppl", "pretrain_loss_rise", "repr_cka", "repr_cosine")
+
     def __init__(self, data: Any, tokenizer: Any, lm: Optional[nn.Module] = None, max_length: int = 64,
                  batch_size: int = 16, max_examples: Optional[int] = 256, mlm_probability: float = 0.15,
                  seed: int = 0) -> None:

@@ -2,27 +2,72 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 from torch import Tensor
 
-__all__ = ["prepare_examples", "Collator", "batch_order", "example_length", "loss_terms"]
+__all__ = ["prepare_examples", "LabelNames", "Collator", "batch_order", "example_length", "loss_terms", "text_limit",
+           "has_token_labels"]
 
 
 def _is_text(x: Any) -> bool:
     return isinstance(x, str)
 
 
+def text_limit(model: Any, tokenizer: Any) -> Optional[int]:
+    """The most tokens ``model`` reads: ``min(tokenizer.model_max_length, max_position_embeddings)``
+    (either may be missing or, for the tokenizer, a huge "no limit" placeholder); None if unknown."""
+    limits = []
+    tok_max = getattr(tokenizer, "model_max_length", None)
+    if isinstance(tok_max, int) and 0 < tok_max < 1_000_000:
+        limits.append(tok_max)
+    config = getattr(model, "config", None)
+    for name in ("max_position_embeddings", "n_positions"):
+        pos = getattr(config, name, None)
+        if isinstance(pos, int) and pos > 0:
+            limits.append(pos)
+            break
+    return min(limits) if limits else None
+
+
+def _tokenize(texts: List[str], tokenizer: Any, max_length: Optional[int], what: str, where: str) -> Dict[str, Any]:
+    """Tokenize ``texts`` (truncated to ``max_length``) and warn once with how many were cut."""
+    for i, t in enumerate(texts):
+        if not t.strip():
+            raise ValueError(f"{where}: {what}[{i}] is an empty text; remove it (an empty text has nothing to "
+                             "read or predict)")
+    enc = tokenizer(texts, truncation=max_length is not None, max_length=max_length)
+    for i, ids in enumerate(enc["input_ids"]):
+        if len(ids) == 0:
+            raise ValueError(f"{where}: {what}[{i}] ({texts[i][:40]!r}) has no tokens; remove it")
+    if max_length is not None:
+        full = [i for i, ids in enumerate(enc["input_ids"]) if len(ids) == max_length]
+        if full:
+            lengths = tokenizer([texts[i] for i in full], truncation=False)["input_ids"]
+            cut = sum(len(ids) > max_length for ids in lengths)
+            if cut:
+                warnings.warn(f"{where}: {cut} of {len(texts)} texts of {what} are longer than {max_length} tokens "
+                              f"and were cut to their first {max_length} (max_length)", stacklevel=4)
+    return enc
+
+
 def prepare_examples(data: Any, tokenizer=None, max_length: Optional[int] = None, what: str = "data",
-                     where: str = "fastft.Trainer") -> List[Any]:
+                     where: str = "fastft.Trainer", unlabelled: bool = False) -> List[Any]:
     """Normalise a data set to a list of examples the collator understands.
 
     Accepted: a sequence / ``torch.utils.data.Dataset`` / ``datasets.Dataset`` of
     ``(input, label)`` pairs (tensors, numbers or — with a tokenizer — strings) or of dicts
-    (``input_ids``, ``attention_mask``, ``labels`` ...). With a tokenizer, text pairs are tokenized
-    once, here (truncated to ``max_length``), so batches only pad. Errors name ``where`` (the entry
-    point the user called) and ``what`` (the argument).
+    (``input_ids``, ``attention_mask``, ``labels`` ...); with ``unlabelled=True`` (prediction) also
+    plain texts or inputs. With a tokenizer, texts are tokenized once, here (truncated to
+    ``max_length`` tokens; how many were cut is warned), so batches only pad. Labels are left as
+    given (names are mapped by :class:`LabelNames`).
+
+    Raises:
+        TypeError: not a sized sequence, or examples of another form. ValueError: empty data, text
+            without a tokenizer, an empty text (naming ``what[i]``). Errors name ``where`` (the entry
+            point the user called) and ``what`` (the argument).
     """
     try:
         n = len(data)
@@ -34,17 +79,85 @@ def prepare_examples(data: Any, tokenizer=None, max_length: Optional[int] = None
     first = examples[0]
     if isinstance(first, dict):
         return [dict(e) for e in examples]
-    if not (isinstance(first, (tuple, list)) and len(first) == 2):
-        raise TypeError(f"{where}: each example of {what} must be an (input, label) pair or a dict, "
-                        f"got {type(first).__name__}")
-    if _is_text(first[0]):
+    paired = isinstance(first, (tuple, list)) and len(first) == 2
+    if not paired and not (unlabelled and (_is_text(first) or isinstance(first, Tensor))):
+        raise TypeError(f"{where}: each example of {what} must be an (input, label) pair or a dict"
+                        f"{', or a plain text / input tensor' if unlabelled else ''}, got {type(first).__name__}")
+    inputs = [e[0] for e in examples] if paired else examples
+    if _is_text(inputs[0]):
         if tokenizer is None:
             raise ValueError(f"{where}: {what} holds text; pass tokenizer=... to tokenize it")
-        texts = [e[0] for e in examples]
-        enc = tokenizer(texts, truncation=max_length is not None, max_length=max_length)
+        bad = next((i for i, t in enumerate(inputs) if not _is_text(t)), None)
+        if bad is not None:
+            raise TypeError(f"{where}: {what}[{bad}] is {type(inputs[bad]).__name__}, the others are text")
+        enc = _tokenize(list(inputs), tokenizer, max_length, what, where)
         keys = [k for k in ("input_ids", "attention_mask", "token_type_ids") if k in enc]
-        return [{**{k: enc[k][i] for k in keys}, "labels": e[1]} for i, e in enumerate(examples)]
-    return [tuple(e) for e in examples]
+        rows = [{k: enc[k][i] for k in keys} for i in range(n)]
+        if paired:
+            for row, e in zip(rows, examples):
+                row["labels"] = e[1]
+        return rows
+    if paired:
+        return [tuple(e) for e in examples]
+    return [(x, None) for x in examples]
+
+
+class LabelNames:
+    """The fixed mapping between class names and ids of a classification run.
+
+    Names are taken from ``names`` (the user's ``labels=[...]``, index = id) or, when the training
+    labels are strings, are the sorted distinct training labels. Integer labels need no mapping
+    (names are then optional). Once fixed, :meth:`encode` turns every example's name into its id.
+    """
+
+    def __init__(self, names: Optional[Sequence[Any]]) -> None:
+        self.names = list(names) if names is not None else None
+        self.ids = {n: i for i, n in enumerate(self.names)} if self.names is not None else None
+
+    @classmethod
+    def from_examples(cls, examples: List[Any], names: Optional[Sequence[Any]], what: str,
+                      where: str) -> "LabelNames":
+        """Fix the mapping from the training ``examples`` and the user's ``names``.
+
+        Raises:
+            ValueError: ``names`` has duplicates or is empty.
+        """
+        if names is not None:
+            names = list(names)
+            if not names or len(set(names)) != len(names):
+                raise ValueError(f"{where}: labels={names!r} must list each class name once, in id order")
+            return cls(names)
+        found = {y for y in map(_scalar_label, examples) if isinstance(y, str)}
+        return cls(sorted(found) if found else None)
+
+    def encode(self, examples: List[Any], what: str, where: str) -> List[Any]:
+        """The examples with each string label replaced by its id (others as they are).
+
+        Raises:
+            ValueError: a label name not in the mapping (naming ``what[i]`` and the known names), or
+                a string label when the run has no names.
+        """
+        out = []
+        for i, e in enumerate(examples):
+            y = _scalar_label(e)
+            if isinstance(y, str):
+                if self.ids is None:
+                    raise ValueError(f"{where}: {what}[{i}] has the label name {y!r}, but the training labels are "
+                                     "class ids; use ids everywhere or pass labels=[names in id order]")
+                if y not in self.ids:
+                    raise ValueError(f"{where}: {what}[{i}] has label {y!r}, which is not one of the run's labels "
+                                     f"{self.names}; fix the example or pass labels=[...] listing every class")
+                y = self.ids[y]
+                e = {**e, "labels": y} if isinstance(e, dict) else (e[0], y)
+            out.append(e)
+        return out
+
+
+def _scalar_label(example: Any) -> Any:
+    y = example.get("labels") if isinstance(example, dict) else example[1]
+    if isinstance(y, Tensor) and y.numel() == 1:
+        return y.item()
+    return y
 
 
 def example_length(example: Any) -> int:
@@ -108,7 +221,7 @@ class Collator:
         if isinstance(examples[0], dict):
             return self._dicts(examples)
         xs, ys = zip(*examples)
-        return _stack(list(xs)), _stack(list(ys))
+        return _stack(list(xs)), (None if ys[0] is None else _stack(list(ys)))
 
     def _dicts(self, examples: List[Dict[str, Any]]) -> Dict[str, Tensor]:
         batch: Dict[str, Tensor] = {}
@@ -132,6 +245,18 @@ class Collator:
             else:
                 batch[key] = _stack(values)
         return batch
+
+
+def has_token_labels(examples: List[Any]) -> bool:
+    """Whether the examples' labels are per token: dict examples whose ``labels`` are a sequence of
+    token ids (language modelling, tagging)."""
+    for e in examples:
+        if not isinstance(e, dict):
+            return False
+        y = e.get("labels")
+        if y is not None:
+            return _is_sequence(y) and not (isinstance(y, Tensor) and y.is_floating_point())
+    return False
 
 
 def _is_sequence(v: Any) -> bool:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import json
 import math
@@ -19,7 +20,7 @@ from torch import Tensor, nn
 from ..atomic import atomic_write
 from ..heads import ClassificationHead, ClassifierOutput, last_hidden_state
 from ..param_groups import mark_new
-from .data import batch_order, example_length, prepare_examples
+from .data import LabelNames, batch_order, example_length
 from .metrics import check_metric_names
 from .trainer import Trainer, _to
 
@@ -41,6 +42,8 @@ class Task:
         loss_weight: factor on this task's loss.
         dropout: dropout of its head.
         head: a ready head (e.g. a :class:`ClassificationHead`) instead of a new one.
+        labels: class names in id order; None: the sorted distinct names when the training labels
+            are strings (``num_labels`` then follows them), else the labels are ids.
     """
 
     train: Any
@@ -51,6 +54,7 @@ class Task:
     loss_weight: float = 1.0
     dropout: float = 0.1
     head: Optional[nn.Module] = None
+    labels: Optional[Sequence[Any]] = None
 
 
 def task_probabilities(sizes: Dict[str, int], sampling: str, temperature: float = 2.0) -> Dict[str, float]:
@@ -302,6 +306,16 @@ class MultiTaskTrainer(Trainer):
                 raise TypeError(f"{where}: unexpected argument {key!r}" + (f"; did you mean {hint[0]!r}?" if hint
                                                                              else f"; it takes {sorted(allowed)}"))
         task_probabilities({k: 1 for k in tasks}, sampling, temperature)  # checks sampling and temperature
+        self.label_maps = {}
+        for name, t in tasks.items():
+            raw = list(t.train) if t.train is not None else []
+            names = LabelNames.from_examples(raw, t.labels, f"task {name!r} train", where)
+            if names.names is not None and t.num_labels != len(names.names):
+                if t.num_labels != Task.num_labels and t.labels is None:
+                    raise ValueError(f"{where}: task {name!r} has {len(names.names)} label names {names.names} "
+                                     f"but num_labels={t.num_labels}; drop num_labels or pass labels=[...]")
+                tasks = {**tasks, name: dataclasses.replace(t, num_labels=len(names.names))}
+            self.label_maps[name] = names
         if mix and trainer_kwargs.get("replay") is not None:
             raise ValueError(f"{where}: replay works with one task per batch (mix=False)")
         self.tasks = tasks
@@ -324,11 +338,11 @@ class MultiTaskTrainer(Trainer):
         self.task_val: Dict[str, List[Dict[str, Any]]] = {}
         self.train_examples, self.task_of, self.offsets = [], [], {}
         for name, t in self.tasks.items():
-            prep = lambda data, split: _as_dicts(prepare_examples(  # noqa: E731
-                data, self.tokenizer, self.max_length, f"task {name!r} {split}", self.where))
-            self.task_train[name] = prep(t.train, "train")
+            prep = lambda data, split: _as_dicts(self._examples(data, f"task {name!r} {split}"))  # noqa: E731
+            encode = self.label_maps[name].encode
+            self.task_train[name] = encode(prep(t.train, "train"), f"task {name!r} train", self.where)
             if t.val is not None:
-                self.task_val[name] = prep(t.val, "val")
+                self.task_val[name] = encode(prep(t.val, "val"), f"task {name!r} val", self.where)
             for split, examples in (("train", self.task_train[name]), ("val", self.task_val.get(name, []))):
                 self._check_labels(examples, f"task {name!r} {split}", t.num_labels)
             self.offsets[name] = len(self.train_examples)
@@ -368,6 +382,16 @@ class MultiTaskTrainer(Trainer):
 
     def _has_validation(self) -> bool:
         return bool(self.task_val)
+
+    def _record_keys(self) -> Optional[set]:
+        metrics = {name: tuple(self.tasks[name].metrics) for name in self.task_val}
+        if any(callable(m) for ms in metrics.values() for m in ms):
+            return None
+        keys = {"epoch", "step", "train_loss", "lr"}
+        if metrics:
+            keys |= {"val_loss", "val_mean_loss"} | {f"val_{n}_{m}" for n, ms in metrics.items() for m in ("loss",) + ms}
+            keys |= {f"val_mean_{m}" for m in set.intersection(*(set(ms) for ms in metrics.values()))}
+        return keys
 
     def _validate(self) -> Dict[str, float]:
         out: Dict[str, float] = {}
@@ -421,8 +445,8 @@ class MultiTaskTrainer(Trainer):
         if data is None:
             examples = self.task_val.get(task)
         else:
-            examples = _as_dicts(prepare_examples(data, self.tokenizer, self.max_length, f"task {task!r} data",
-                                                  f"{self.where}.evaluate"))
+            examples = self.label_maps[task].encode(_as_dicts(self._examples(data, "data", f"{self.where}.evaluate")),
+                                                    f"task {task!r} data", f"{self.where}.evaluate")
         if not examples:
             raise ValueError(f"{self.where}.evaluate: task {task!r} has no validation data; pass data=")
         return self._evaluate_examples(examples, lambda batch: self._task_forward(task, batch),
@@ -435,8 +459,7 @@ class MultiTaskTrainer(Trainer):
             KeyError: unknown task.
         """
         self._check_task(task, "predict")
-        examples = _as_dicts(prepare_examples(data, self.tokenizer, self.max_length, "data",
-                                              f"{self.where}.predict"))
+        examples = _as_dicts(self._examples(data, "data", f"{self.where}.predict", unlabelled=True))
         return self._predict_examples(
             examples, lambda batch: self.model(task, **{k: v for k, v in batch.items() if k != "labels"}))
 
@@ -456,4 +479,5 @@ MultiTaskTrainer.__init__.__signature__ = _merged_signature()
 
 def _as_dicts(examples: List[Any]) -> List[Dict[str, Any]]:
     """(token ids, label) pairs become ``{"input_ids", "labels"}`` dicts: the encoder takes keyword inputs."""
-    return [e if isinstance(e, dict) else {"input_ids": e[0], "labels": e[1]} for e in examples]
+    return [e if isinstance(e, dict) else {"input_ids": e[0], **({} if e[1] is None else {"labels": e[1]})}
+            for e in examples]

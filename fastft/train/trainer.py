@@ -4,9 +4,11 @@ checkpoints — fastft's one training loop (:class:`fastft.MultiTaskTrainer` spe
 from __future__ import annotations
 
 import inspect
+import logging
 import math
 import random
 import time
+import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,7 +23,8 @@ from ..lm import lm_kind, pad_id_of
 from ..optim import AdamW
 from ..param_groups import param_groups
 from .callbacks import EarlyStopping
-from .data import Collator, batch_order, example_length, loss_terms, prepare_examples
+from .data import (Collator, LabelNames, batch_order, example_length, has_token_labels, loss_terms, prepare_examples,
+                   text_limit)
 from .metrics import check_metric_names, compute_metrics
 from .replay import step_scales
 from .run_dir import RunDir
@@ -37,13 +40,16 @@ class FitResult:
     """What :meth:`Trainer.fit` returns.
 
     Attributes:
-        history: one dict per evaluation (epoch, step, train_loss, val_loss, val_<metric>, lr).
+        history: one dict per evaluation (epoch, step, train_loss, val_loss, val_<metric>, lr; with
+            replay also train_task_loss + train_replay_loss = train_loss; under fp16 amp_skipped_steps),
+            after a step-0 record (epoch 0) of the pretraining measures when a ForgettingMonitor is used.
         best_epoch: the epoch (1-based) of the best monitored value (EarlyStopping's monitor, else val_loss).
         best_metric: that value.
         stopped_early: True when EarlyStopping ended training before ``epochs``.
-        global_step: optimizer steps taken.
+        global_step: optimizer steps taken (parameter updates; skipped steps are not counted).
         output_dir: the run folder (None without ``output_dir``).
         skipped_steps: micro-batches skipped for a non-finite loss (``skip_nonfinite=True``).
+        amp_skipped_steps: steps whose update fp16's GradScaler skipped (inf/NaN gradients).
     """
 
     history: List[Dict[str, float]] = field(default_factory=list)
@@ -53,6 +59,7 @@ class FitResult:
     global_step: int = 0
     output_dir: Optional[str] = None
     skipped_steps: int = 0
+    amp_skipped_steps: int = 0
 
 
 def model_output_field(out: Any, name: str) -> Optional[Tensor]:
@@ -84,6 +91,21 @@ def _set_rng_state(rng: Dict[str, Any]) -> None:
     np.random.set_state(rng["numpy"])
     if rng["cuda"] is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(rng["cuda"])
+
+
+def _settle_metrics(metrics: Optional[Tuple[Any, ...]], token_labels: bool, where: str) -> Tuple[Any, ...]:
+    """The metrics of a run: the user's, or accuracy for classification and perplexity for token-level
+    labels (language modelling), whose logits are per token: classification metrics and callables
+    (which take [N, C] logits) cannot be computed there, so they are refused at set-up."""
+    if metrics is None:
+        return ("perplexity",) if token_labels else ("accuracy",)
+    if token_labels:
+        bad = [m if isinstance(m, str) else getattr(m, "__name__", repr(m)) for m in metrics if m != "perplexity"]
+        if bad:
+            raise ValueError(f"{where}: metrics {bad} need one label per example, but this run's labels are per "
+                             "token (language modelling): their logits are [B, T, V]. Use metrics=('perplexity',) "
+                             "(or leave metrics out), and score generated text yourself")
+    return metrics
 
 
 def _num_labels_of(model: nn.Module) -> Optional[int]:
@@ -157,7 +179,15 @@ class Trainer:
         early_stopping: a :class:`fastft.EarlyStopping`, or None.
         metrics: validation metric names (``"accuracy"``, ``"f1"``, ``"f1_macro"``, ``"f1_micro"``,
             ``"auc"``, ``"perplexity"``) or callables ``f(logits, labels) -> float``. Default accuracy.
-        precision: ``"fp32"``, ``"bf16"`` (autocast) or ``"fp16"`` (autocast + GradScaler).
+        precision: ``"fp32"``, ``"bf16"`` (autocast; warns on a CPU without native bf16, where it is
+            much slower than fp32) or ``"fp16"`` (autocast + GradScaler). Under fp16 a step whose
+            gradients overflow (inf/NaN) is skipped by the GradScaler, as in Hugging Face's Trainer:
+            its batches are consumed (epochs stay passes over the data), its loss counts in
+            ``train_loss``, but the parameters, ``global_step`` and the LR schedule do not advance; it
+            is counted in ``amp_skipped_steps`` (FitResult, each record, the progress bar) and logged
+            (logger ``fastft.train.trainer``). ``total_steps`` (the schedule's length) counts every step's
+            batches, so a run ends with ``global_step = total_steps - amp_skipped_steps - skipped_steps``
+            and, when steps were skipped, the schedule short of its end.
         output_dir: the run folder; None writes nothing.
         tokenizer: tokenizes text examples (a Hugging Face tokenizer); its pad id pads batches.
         max_length: tokens kept per text example (truncation); None: the tokenizer's own limit.
@@ -198,14 +228,14 @@ class Trainer:
                  l2_init_mode: str = "decoupled", freeze: Optional[int] = None,
                  layerwise_lr_decay: Optional[float] = None, max_grad_norm: Optional[float] = 1.0,
                  warmup_ratio: float = 0.1, scheduler: str = "linear", gradient_accumulation: int = 1,
-                 early_stopping: Optional[EarlyStopping] = None, metrics: Sequence[str] = ("accuracy",),
+                 early_stopping: Optional[EarlyStopping] = None, metrics: Optional[Sequence[Any]] = None,
                  precision: str = "fp32", output_dir: Optional[str] = None, tokenizer: Any = None,
                  max_length: Optional[int] = None, group_by_length: bool = True, eval_every: Optional[int] = None,
                  eval_batch_size: Optional[int] = None, loss_fn: Optional[Callable[[Any, Any], Tensor]] = None,
                  num_labels: Optional[int] = None, callbacks: Sequence[Any] = (), seed: int = 0,
                  skip_nonfinite: bool = False, checkpoint_every: Optional[int] = None, progress: bool = True,
                  device: Optional[str] = None, replay: Any = None, find_unused_parameters: bool = True,
-                 new_modules: Sequence[Any] = ()) -> None:
+                 new_modules: Sequence[Any] = (), labels: Optional[Sequence[Any]] = None) -> None:
         where = self.where
         if not isinstance(model, nn.Module):
             raise TypeError(f"{where}: model must be an nn.Module, got {type(model).__name__}")
@@ -229,8 +259,8 @@ class Trainer:
         if isinstance(warmup_ratio, bool) or not isinstance(warmup_ratio, (int, float)) \
                 or not 0.0 <= warmup_ratio < 1.0:
             raise ValueError(f"{where}: warmup_ratio must be a number in [0, 1), got {warmup_ratio!r}")
-        metrics = (metrics,) if isinstance(metrics, str) else tuple(metrics)
-        check_metric_names(metrics, where)
+        metrics = (metrics,) if isinstance(metrics, str) else (None if metrics is None else tuple(metrics))
+        check_metric_names(metrics or (), where)
 
         self.distributed = D.init_distributed()
         self.rank, self.world_size = D.get_rank(), D.get_world_size()
@@ -252,10 +282,15 @@ class Trainer:
         self.early_stopping = early_stopping
         self.callbacks: List[Any] = list(callbacks) + ([early_stopping] if early_stopping else [])
         self.tokenizer, self.max_length = tokenizer, max_length
+        #: Tokens kept per text (training, evaluation and prediction alike): ``max_length``, else the
+        #: model's limit ``min(tokenizer.model_max_length, max_position_embeddings)``.
+        self.text_max_length = max_length if max_length is not None else text_limit(model, tokenizer)
+        self._label_names_arg = labels
         self.num_labels = num_labels if num_labels is not None else _num_labels_of(model)
         self.collate = Collator(pad_token_id=pad_id_of(tokenizer))
 
         self._setup_data(train_data, val_data)
+        self._check_monitor()
         # Terms of the model's own mean loss per example (target tokens for token-level labels): the
         # weights that make a step's loss the same however its batch is split (see _micro_loss).
         causal = lm_kind(model) == "causal"
@@ -304,18 +339,87 @@ class Trainer:
         #: Seconds spent in each part of the training steps so far (host clock; on CUDA the
         #: asynchronous kernels show up where the host waits for them).
         self.timings: Dict[str, float] = {"data": 0.0, "forward": 0.0, "backward": 0.0, "optimizer": 0.0}
+        self.amp_skipped_steps = 0  # steps whose update the fp16 GradScaler skipped (inf/NaN gradients)
+        self._run_parts = [0.0, 0.0]  # task and replay parts of the training loss since the last record
+        self._call("on_setup")  # callbacks check the set-up (e.g. ForgettingMonitor: held-out text)
+        if precision == "bf16" and self.device.type == "cpu" and not cpu_has_native_bf16():
+            warnings.warn(f"{where}: precision='bf16' on a CPU without native bf16 arithmetic (no AVX512-BF16 / "
+                          "AMX-BF16 / Arm BF16): every bf16 operation is emulated through conversions, which can "
+                          "make training many times slower than fp32. Use precision='fp32' on this CPU", UserWarning,
+                          stacklevel=2)
 
     # --- what a specialisation overrides --------------------------------------------------------------
 
     def _setup_data(self, train_data: Any, val_data: Any) -> None:
-        """Sets ``train_examples`` (a list) and ``val_examples`` (a list or None) and checks their labels."""
-        self.train_examples = prepare_examples(train_data, self.tokenizer, self.max_length, "train_data", self.where)
+        """Sets ``train_examples`` (a list) and ``val_examples`` (a list or None), fixes the label names
+        (``label_map``), maps names to ids, checks the labels, and settles the metrics."""
+        self.train_examples = self._examples(train_data, "train_data")
+        self.label_map = LabelNames.from_examples(self.train_examples, self._label_names_arg, "train_data", self.where)
+        if self.label_map.names is not None:
+            if self.num_labels is None:
+                self.num_labels = len(self.label_map.names)
+            elif self.num_labels not in (1, len(self.label_map.names)):
+                raise ValueError(f"{self.where}: the run has {len(self.label_map.names)} labels "
+                                 f"{self.label_map.names}, but the model has num_labels={self.num_labels}; make them "
+                                 "agree (e.g. SequenceClassifier(encoder, num_labels=len(labels)))")
+        self.train_examples = self.label_map.encode(self.train_examples, "train_data", self.where)
         self.val_examples = None
         if val_data is not None:
-            self.val_examples = prepare_examples(val_data, self.tokenizer, self.max_length, "val_data", self.where)
+            self.val_examples = self.label_map.encode(self._examples(val_data, "val_data"), "val_data", self.where)
         self._check_labels(self.train_examples, "train_data", self.num_labels)
         if self.val_examples is not None:
             self._check_labels(self.val_examples, "val_data", self.num_labels)
+        self.metrics = _settle_metrics(self.metrics, has_token_labels(self.train_examples), self.where)
+
+    def _examples(self, data: Any, what: str, where: Optional[str] = None, unlabelled: bool = False) -> List[Any]:
+        """``data`` as examples, texts tokenized like the training data (see :attr:`text_max_length`)."""
+        return prepare_examples(data, self.tokenizer, self.text_max_length, what, where or self.where, unlabelled)
+
+    @property
+    def label_names(self) -> Optional[List[Any]]:
+        """The class names, index = class id (from ``labels=`` or the training labels), or None."""
+        return self.label_map.names
+
+    @property
+    def id2label(self) -> Optional[Dict[int, Any]]:
+        return None if self.label_map.names is None else dict(enumerate(self.label_map.names))
+
+    @property
+    def label2id(self) -> Optional[Dict[Any, int]]:
+        return None if self.label_map.names is None else dict(self.label_map.ids)
+
+    def _record_keys(self) -> Optional[set]:
+        """The keys this trainer puts in an evaluation record, or None when callable metrics make them
+        unknowable before training."""
+        if any(callable(m) for m in self.metrics):
+            return None
+        keys = {"epoch", "step", "train_loss", "lr"}
+        if self._has_validation():
+            keys |= {"val_loss"} | {f"val_{m}" for m in self.metrics}
+        return keys
+
+    def _check_monitor(self) -> None:
+        """Refuse, before any step, an EarlyStopping monitor that no evaluation record will hold."""
+        es = self.early_stopping
+        keys = self._record_keys() if es is not None else None
+        if keys is None:
+            return
+        own = es.monitor.startswith(("val_", "train_")) or es.monitor in keys
+        undeclared = False
+        for cb in self.callbacks:
+            declared = getattr(cb, "record_keys", None)
+            if declared is not None:
+                keys |= set(declared)
+            elif cb is not es:
+                undeclared = True  # a callback that may add keys of its own
+        if es.monitor in keys or (undeclared and not own):
+            return
+        from difflib import get_close_matches
+
+        hint = get_close_matches(es.monitor, sorted(keys), n=1)
+        why = "" if self._has_validation() or not es.monitor.startswith("val_") else " (there is no validation data)"
+        raise ValueError(f"{self.where}: EarlyStopping monitors {es.monitor!r}, which no evaluation record holds"
+                         f"{why}; records hold {sorted(keys)}" + (f". Did you mean {hint[0]!r}?" if hint else ""))
 
     def _freeze_target(self) -> nn.Module:
         """The module whose blocks ``freeze=n`` freezes."""
@@ -449,7 +553,8 @@ class Trainer:
         if data is None:
             examples = self.val_examples
         else:
-            examples = prepare_examples(data, self.tokenizer, self.max_length, "data", f"{self.where}.evaluate")
+            examples = self.label_map.encode(self._examples(data, "data", f"{self.where}.evaluate"), "data",
+                                             f"{self.where}.evaluate")
         if examples is None:
             raise ValueError(f"{self.where}.evaluate: no data given and no val_data")
         return self._evaluate_examples(examples, self._forward, self.metrics)
@@ -470,8 +575,11 @@ class Trainer:
         return torch.cat(out)
 
     def predict(self, data: Any) -> Tensor:
-        """Logits (float32, ``[N, num_labels]`` for a classifier) for every example of ``data``, in order."""
-        examples = prepare_examples(data, self.tokenizer, self.max_length, "data", f"{self.where}.predict")
+        """Logits (float32, ``[N, num_labels]`` for a classifier) for every example of ``data``, in order.
+
+        ``data``: examples as for training, or plain inputs without labels (texts with a tokenizer,
+        tensors); texts are cut to :attr:`text_max_length` tokens as in training."""
+        examples = self._examples(data, "data", f"{self.where}.predict", unlabelled=True)
 
         def run(batch):
             if isinstance(batch, dict):
@@ -479,6 +587,22 @@ class Trainer:
             return self.model(batch[0])
 
         return self._predict_examples(examples, run)
+
+    def predict_labels(self, data: Any, top_k: Optional[int] = 1) -> List[Any]:
+        """Class predictions for every example of ``data`` (as :meth:`predict` takes it), in the form
+        of a transformers text-classification pipeline: per example ``{"label": name, "score": p}``
+        (``top_k=1``), or a list of the ``top_k`` most likely (``top_k=None``: every class), most
+        likely first. ``label`` is the class name when the run has names, else the class id; ``score``
+        the softmax probability (the sigmoid for a single-logit model)."""
+        logits = self.predict(data)
+        probs = torch.sigmoid(logits) if logits.shape[-1] == 1 else torch.softmax(logits, -1)
+        names = self.label_names
+        out = []
+        for row in probs:
+            order = row.argsort(descending=True).tolist()[:top_k or None]
+            ranked = [{"label": names[c] if names else c, "score": float(row[c])} for c in order]
+            out.append(ranked[0] if top_k == 1 else ranked)
+        return out
 
     # --- training ---------------------------------------------------------------------------------
 
