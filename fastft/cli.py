@@ -485,9 +485,6 @@ def prepare_job(config: Dict[str, Any], output_dir: Optional[str] = None, progre
         hf_logging.disable_progress_bar()  # "Loading weights" bars
     out_dir = output_dir or config.get("output_dir")
     multitask = "tasks" in config
-    if multitask and resume and not hasattr(_multitask_trainer(), "resume"):
-        raise ConfigError("--resume is not supported for a tasks: config yet (fastft.MultiTaskTrainer has no "
-                          "resume()); start afresh with --overwrite")
     _check_run_folder(out_dir, resume, overwrite)
     build = _build_multitask if multitask else _build_single
     trainer, tests = build(config, out_dir, progress, resume)

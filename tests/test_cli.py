@@ -298,7 +298,6 @@ def test_labels_by_name_stay_strings_and_integer_labels_ints(tmp_path):
         cli._load_examples(str(tmp_path / "d.csv"), {}, "data.source")
 
 
-@pytest.mark.xfail(strict=False, reason="fastft.Trainer does not map label names to ids yet (another change)")
 def test_finetune_on_labels_by_name(tmp_path, capsys, tiny_model):
     write_csv(tmp_path / "data.csv", 24, names=("neg", "pos"))
     rc, _, err = finetune(capsys, tiny_job(tmp_path, tiny_model))
@@ -365,18 +364,6 @@ output_dir: {tmp_path / 'run'}
 """)
 
 
-def test_multitask_resume_says_clearly_when_unsupported(tmp_path, capsys, tiny_model):
-    import fastft
-
-    if hasattr(fastft.MultiTaskTrainer, "resume"):
-        pytest.skip("fastft.MultiTaskTrainer.resume exists: test_multitask_resume covers it")
-    config = multitask_config(tmp_path, tiny_model)
-    (tmp_path / "run" / "checkpoint").mkdir(parents=True)
-    rc, _, err = finetune(capsys, config, "--resume")
-    assert rc == 2 and "--resume is not supported for a tasks: config" in err
-
-
-@pytest.mark.xfail(strict=False, reason="fastft.MultiTaskTrainer.resume() is being added (another change)")
 def test_multitask_resume(tmp_path, capsys, tiny_model):
     config = multitask_config(tmp_path, tiny_model)
     rc, _, err = finetune(capsys, config)
