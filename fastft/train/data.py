@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 __all__ = ["prepare_examples", "LabelNames", "Collator", "batch_order", "example_length", "loss_terms", "text_limit",
-           "has_token_labels"]
+           "has_token_labels", "to_device"]
 
 
 def _is_text(x: Any) -> bool:
@@ -245,6 +245,13 @@ class Collator:
             else:
                 batch[key] = _stack(values)
         return batch
+
+
+def to_device(batch: Any, device: torch.device) -> Any:
+    """A collated batch (dict or tuple) with its tensors on ``device`` (non-blocking copies)."""
+    if isinstance(batch, dict):
+        return {k: v.to(device, non_blocking=True) if isinstance(v, Tensor) else v for k, v in batch.items()}
+    return tuple(v.to(device, non_blocking=True) if isinstance(v, Tensor) else v for v in batch)
 
 
 def has_token_labels(examples: List[Any]) -> bool:

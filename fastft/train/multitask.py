@@ -20,9 +20,9 @@ from torch import Tensor, nn
 from ..atomic import atomic_write
 from ..heads import ClassificationHead, ClassifierOutput, last_hidden_state
 from ..param_groups import mark_new
-from .data import LabelNames, batch_order, example_length
+from .data import LabelNames, batch_order, example_length, to_device
 from .metrics import check_metric_names
-from .trainer import Trainer, _to
+from .trainer import Trainer
 
 __all__ = ["Task", "MultiTaskModel", "MultiTaskTrainer", "SAMPLING", "task_probabilities"]
 
@@ -140,44 +140,81 @@ class MultiTaskModel(nn.Module):
                 total = total + loss * weight
         return ClassifierOutput(loss=total / len(rows) if labels is not None else None, logits=out_logits)
 
-    def save_pretrained(self, path: Union[str, Path]) -> None:
-        """The encoder (``save_pretrained`` or ``encoder.safetensors``) and every head
-        (``heads.safetensors`` + ``tasks.json``), each file written atomically."""
+    def save_pretrained(self, path: Union[str, Path], tokenizer: Any = None,
+                        id2label: Optional[Dict[str, Any]] = None) -> None:
+        """Save to the folder ``path``, laid out as :class:`fastft.SequenceClassifier`'s (see
+        :mod:`fastft.heads`): the encoder in ``encoder/`` (or ``encoder.safetensors``), every head
+        (``heads.safetensors`` + ``tasks.json``, with each task's label names), the tokenizer, and a
+        ``config.json`` that makes transformers' Auto model classes refuse the folder with an error
+        naming :meth:`from_pretrained`. Each file or folder is written atomically.
+
+        Args:
+            tokenizer: saved instead of ``self.tokenizer`` (set by :meth:`from_pretrained`).
+            id2label: per task, its class names (a list, index = class id, or a dict id -> name),
+                instead of ``self.id2label``; tasks left out have none.
+        """
         from safetensors.torch import save_file, save_model
 
+        from ..atomic import atomic_dir
+        from ..heads import (ENCODER_DIR, label_mapping, labels_json, save_tokenizer, save_transformers_model,
+                             write_model_config)
+
+        where = "fastft.MultiTaskModel.save_pretrained"
+        given = id2label if id2label is not None else (getattr(self, "id2label", None) or {})
+        unknown = sorted(set(given) - set(self.heads))
+        if unknown:
+            raise KeyError(f"{where}: id2label names unknown task(s) {unknown}; tasks: {sorted(self.heads)}")
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         if hasattr(self.encoder, "save_pretrained"):
-            self.encoder.save_pretrained(path)
+            with atomic_dir(path / ENCODER_DIR) as tmp:
+                save_transformers_model(self.encoder, tmp)
         else:
             atomic_write(path / "encoder.safetensors", lambda tmp: save_model(self.encoder, tmp))
         heads = {k: v.detach().contiguous() for k, v in self.heads.state_dict().items()}
         atomic_write(path / "heads.safetensors", lambda tmp: save_file(heads, tmp, metadata={"format": "pt"}))
-        config = {name: h.config() for name, h in self.heads.items() if hasattr(h, "config")}
+        config = {}
+        for name, h in self.heads.items():
+            if hasattr(h, "config"):
+                names = given.get(name)
+                if names is not None:
+                    names = label_mapping(names, getattr(h, "num_labels", len(names)), f"{where}: task {name!r}")
+                config[name] = {**h.config(), **labels_json(names)}
         meta = json.dumps({"hidden_size": self.hidden_size, "heads": config}, indent=2)
         atomic_write(path / "tasks.json", lambda tmp: Path(tmp).write_text(meta))
+        save_tokenizer(tokenizer if tokenizer is not None else getattr(self, "tokenizer", None), path, where)
+        write_model_config(path, "MultiTaskModel")
 
     @classmethod
     def from_pretrained(cls, path: Union[str, Path], encoder: Optional[nn.Module] = None) -> "MultiTaskModel":
-        """Load what :meth:`save_pretrained` wrote (the encoder through ``transformers.AutoModel`` unless given)."""
-        from safetensors.torch import load_file, load_model
+        """Load what :meth:`save_pretrained` wrote — the run folder's ``model/`` of a
+        :class:`fastft.MultiTaskTrainer` run — in eval mode: the encoder (``transformers.AutoModel``
+        from ``encoder/`` unless ``encoder`` is given; folders of earlier versions load too), the heads,
+        ``id2label`` (task -> {class id: name}, for the tasks that have names) and ``tokenizer`` (None
+        when the folder has none).
 
+        Raises:
+            FileNotFoundError: no ``tasks.json`` in ``path``.
+        """
+        from safetensors.torch import load_file
+
+        from ..heads import label_mapping, load_encoder, load_tokenizer
+
+        where = "fastft.MultiTaskModel.from_pretrained"
         path = Path(path)
         if not (path / "tasks.json").is_file():
-            raise FileNotFoundError(f"fastft.MultiTaskModel.from_pretrained: no tasks.json in {path}")
+            raise FileNotFoundError(f"{where}: no tasks.json in {path}")
         meta = json.loads((path / "tasks.json").read_text())
-        if encoder is None:
-            from transformers import AutoModel
-
-            encoder = AutoModel.from_pretrained(path)
-        elif (path / "encoder.safetensors").is_file():
-            load_model(encoder, str(path / "encoder.safetensors"))
+        encoder = load_encoder(path, encoder, where)
         tasks = {name: Task(train=None, num_labels=c["num_labels"], pool=c["pool"], dropout=c["dropout"])
                  for name, c in meta["heads"].items()}
         model = cls(encoder, tasks, hidden_size=meta["hidden_size"])
         model.heads.load_state_dict(load_file(str(path / "heads.safetensors")))
         mark_new(*model.heads.values(), new=False)  # trained weights now: anchored like the encoder
-        return model
+        model.id2label = {name: label_mapping(c["id2label"], c["num_labels"], where)
+                          for name, c in meta["heads"].items() if c.get("id2label") is not None}
+        model.tokenizer = load_tokenizer(path)
+        return model.eval()
 
 
 #: Trainer arguments that a multi-task run sets per task (on each :class:`Task`) instead.
@@ -372,7 +409,7 @@ class MultiTaskTrainer(Trainer):
         return super()._micro_loss(module, batch_indices, *args, **kwargs)
 
     def _rows_loss(self, module: nn.Module, indices: List[int]) -> Tensor:
-        batch = _to(self.collate([self.train_examples[i] for i in indices]), self.device)
+        batch = to_device(self.collate([self.train_examples[i] for i in indices]), self.device)
         with self._autocast():
             if self.mix:
                 weights = {name: float(t.loss_weight) for name, t in self.tasks.items()}
@@ -429,7 +466,7 @@ class MultiTaskTrainer(Trainer):
             raise KeyError(f"{self.where}.{what}: unknown task {task!r}; tasks: {sorted(self.tasks)}")
 
     def _task_forward(self, task: str, batch: Any) -> Tuple[Tensor, Tensor, Tensor]:
-        batch = _to(batch, self.device)
+        batch = to_device(batch, self.device)
         with self._autocast():
             out = self.model(task, **batch)
         return out.loss.float(), out.logits, batch["labels"]

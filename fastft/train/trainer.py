@@ -24,10 +24,10 @@ from ..optim import AdamW
 from ..param_groups import param_groups
 from .callbacks import EarlyStopping
 from .data import (Collator, LabelNames, batch_order, example_length, has_token_labels, loss_terms, prepare_examples,
-                   text_limit)
+                   text_limit, to_device)
 from .metrics import check_metric_names, compute_metrics
 from .replay import step_scales
-from .run_dir import RunDir
+from .run_dir import RunDir, StopSignals
 
 __all__ = ["Trainer", "FitResult", "seed_everything", "warmup_then_decay", "autocast", "model_output_field"]
 
@@ -113,12 +113,6 @@ def _num_labels_of(model: nn.Module) -> Optional[int]:
     if n is None:
         n = getattr(getattr(model, "config", None), "num_labels", None)
     return n if isinstance(n, int) else None
-
-
-def _to(batch: Any, device: torch.device) -> Any:
-    if isinstance(batch, dict):
-        return {k: v.to(device, non_blocking=True) if isinstance(v, Tensor) else v for k, v in batch.items()}
-    return tuple(v.to(device, non_blocking=True) if isinstance(v, Tensor) else v for v in batch)
 
 
 def _forward_takes_labels(model: nn.Module) -> bool:
@@ -480,7 +474,7 @@ class Trainer:
                                                                                  Optional[Tensor]]:
         """(fp32 mean loss, logits, labels) of one collated batch."""
         module = self.model if module is None else module
-        batch = _to(batch, self.device)
+        batch = to_device(batch, self.device)
         with self._autocast():
             if isinstance(batch, dict):
                 labels = batch.get("labels")
@@ -566,7 +560,7 @@ class Trainer:
         out = []
         try:
             for i in range(0, len(examples), self.eval_batch_size):
-                batch = _to(self.collate(examples[i:i + self.eval_batch_size]), self.device)
+                batch = to_device(self.collate(examples[i:i + self.eval_batch_size]), self.device)
                 with self._autocast():
                     res = run(batch)
                 out.append(model_output_field(res, "logits").float().cpu())
@@ -640,17 +634,23 @@ class Trainer:
         weighted by their loss terms (rows, or target tokens for token-level labels) times
         ``task_scale``; replay rows likewise (``replay_scale`` over ``replay_terms``). The scales come
         from :func:`fastft.train.replay.step_scales`, so the shares of all ranks and micro-batches of a
-        step sum to the loss of the step's whole batch, computed at once."""
+        step sum to the loss of the step's whole batch, computed at once.
+
+        With replay rows it also sets ``self._micro_parts``: the task and the replay share of the
+        returned loss (detached, ``[2]``; they sum to it), for ``train_task_loss`` / ``train_replay_loss``."""
         t_data = time.perf_counter()
         local, real = D.shard(batch_indices, self.rank, self.world_size)
         t_fwd = time.perf_counter()
         loss = self._rows_loss(module, local)
         terms = sum(self.train_terms[i] for i in local) if real else 0
         total = loss * (terms * task_scale)
+        self._micro_parts = None
         if replayed:
             with self._autocast():
-                total = total + replay_scale * self.replay.loss_share(replayed, self.device, replay_terms, self.rank,
-                                                                      self.world_size)
+                replay = replay_scale * self.replay.loss_share(replayed, self.device, replay_terms, self.rank,
+                                                               self.world_size)
+            self._micro_parts = torch.stack([total.detach(), replay.detach().float()])
+            total = total + replay
         self.timings["data"] += t_fwd - t_data
         self.timings["forward"] += time.perf_counter() - t_fwd
         return total
@@ -677,19 +677,18 @@ class Trainer:
                 group = batches[micro:micro + self.gradient_accumulation]
                 micro += len(group)
                 step_loss = self._step(group, epoch, micro)
+                self._position = (epoch, micro) if micro < len(batches) else (epoch + 1, 0)  # skipped: consumed
                 if step_loss is None:
                     continue
-                self._position = (epoch, micro) if micro < len(batches) else (epoch + 1, 0)
-                self._run_loss += step_loss
-                self._run_count += 1
                 seen += sum(len(b) for b in group)
                 bar.update(1)
                 bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{self.scheduler.get_last_lr()[0]:.2e}",
-                                ex_s=f"{seen / (time.perf_counter() - t0):.1f}")
+                                ex_s=f"{seen / (time.perf_counter() - t0):.1f}",
+                                **({"amp_skipped": self.amp_skipped_steps} if self.scaler is not None else {}))
                 self._call("on_step_end", self.global_step, step_loss)
                 self.should_stop = D.any_rank(self.should_stop)
                 if self.eval_every and self.global_step % self.eval_every == 0 and self._has_validation():
-                    self._evaluate_and_record(epoch, self._mean_train_loss())
+                    self._evaluate_and_record(epoch, self._train_record())
                 elif self.checkpoint_every and self.global_step % self.checkpoint_every == 0:
                     self._save_checkpoint()
             if self.should_stop:
@@ -697,10 +696,9 @@ class Trainer:
             self._call("on_epoch_end", epoch)
             if not self.eval_every:
                 if self._has_validation():
-                    self._evaluate_and_record(epoch, self._mean_train_loss())
+                    self._evaluate_and_record(epoch, self._train_record())
                 else:
-                    self._record({"epoch": epoch + 1, "step": self.global_step,
-                                  "train_loss": self._mean_train_loss()})
+                    self._record({"epoch": epoch + 1, "step": self.global_step, **self._train_record()})
                     self._save_checkpoint()
             if self.should_stop:
                 break
@@ -709,8 +707,10 @@ class Trainer:
         return self._finish()
 
     def _step(self, group: List[List[int]], epoch: int, micro_end: int) -> Optional[float]:
-        """One optimizer step over the micro-batches ``group``; returns its loss, or None when it was
-        skipped for a non-finite loss (``skip_nonfinite``)."""
+        """One optimizer step over the micro-batches ``group``; returns its loss, or None when the
+        parameters were not updated: skipped for a non-finite loss (``skip_nonfinite``; not counted in
+        the training loss) or for inf/NaN fp16 gradients (the GradScaler's skip; counted in the
+        training loss and in ``amp_skipped_steps``). Adds the step's loss to the run's training loss."""
         module = self.training_module()
         n_examples = sum(len(b) for b in group)
         # The step's loss: the model's mean loss over all its task rows (token-mean for token labels),
@@ -721,15 +721,22 @@ class Trainer:
         replay_terms = sum(self.replay.targets(e) for rows in replayed if rows for e in rows)
         task_scale, replay_scale = step_scales(n_examples, task_terms, r * len(group),
                                                self.replay.weight if r else 1.0)
-        step_loss = 0.0
+        step_loss, step_parts = 0.0, [0.0, 0.0]
         for k, b in enumerate(group):
             # Without the last micro-batch, DDP need not all-reduce: gradients just accumulate.
             sync = nullcontext() if not self.distributed or k == len(group) - 1 else module.no_sync()
             with sync:
                 contribution = self._micro_loss(module, b, task_scale, replayed[k], replay_scale, replay_terms)
-                part, finite = float(contribution.detach()), bool(torch.isfinite(contribution.detach()))
+                if replayed[k]:  # the loss and its task / replay shares, read from the device at once
+                    part, task_part, replay_part = torch.cat([contribution.detach().reshape(1),
+                                                              self._micro_parts]).tolist()
+                else:
+                    part = float(contribution.detach())
+                    task_part, replay_part = part, 0.0
+                finite = math.isfinite(part)
                 # Summed over the ranks (identity in one process): every rank takes the same branch.
-                part, nonfinite = D.all_reduce_sum([part, 0.0 if finite else 1.0])
+                part, task_part, replay_part, nonfinite = D.all_reduce_sum([part, task_part, replay_part,
+                                                                            0.0 if finite else 1.0])
                 finite = nonfinite == 0
                 t_bwd = time.perf_counter()
                 if finite:
@@ -748,26 +755,50 @@ class Trainer:
                 self.skipped_steps += 1
                 return None
             step_loss += part
+            step_parts[0] += task_part
+            step_parts[1] += replay_part
         t_opt = time.perf_counter()
-        optimizer_step(self.optimizer, self.scheduler, self.scaler)
+        updated = optimizer_step(self.optimizer, self.scheduler, self.scaler)
         self.timings["optimizer"] += time.perf_counter() - t_opt
+        self._run_loss += step_loss
+        self._run_parts = [self._run_parts[0] + step_parts[0], self._run_parts[1] + step_parts[1]]
+        self._run_count += 1
+        if not updated:
+            self.amp_skipped_steps += 1
+            logging.getLogger(__name__).info(
+                "%s: inf/NaN fp16 gradients in epoch %d (after optimizer step %d): the GradScaler skipped this "
+                "update (%d skipped so far), loss scale now %g", self.where, epoch + 1, self.global_step,
+                self.amp_skipped_steps, self.scaler.get_scale())
+            return None
         self.global_step += 1
         return step_loss
 
-    def _mean_train_loss(self) -> float:
-        """Mean training loss of the steps since the last record; starts a new window."""
-        mean = self._run_loss / max(self._run_count, 1)
-        self._run_loss, self._run_count = 0.0, 0
-        return mean
+    def _train_record(self) -> Dict[str, float]:
+        """The training side of a record; starts a new window. ``train_loss``: the mean loss of the
+        steps since the last record (fp16 steps whose update was skipped included). With replay its
+        two parts, ``train_task_loss + train_replay_loss = train_loss``: the task rows' and the replay
+        rows' weighted shares, as the steps weigh them (:func:`fastft.train.replay.step_scales`:
+        ``(B - r) / B`` times the task loss, ``weight * r / B`` times the replay LM loss). Under fp16,
+        ``amp_skipped_steps`` so far."""
+        n = max(self._run_count, 1)
+        record = {"train_loss": self._run_loss / n}
+        if self.replay is not None:
+            record["train_task_loss"], record["train_replay_loss"] = self._run_parts[0] / n, self._run_parts[1] / n
+        if self.scaler is not None:
+            record["amp_skipped_steps"] = self.amp_skipped_steps
+        self._run_loss, self._run_count, self._run_parts = 0.0, 0, [0.0, 0.0]
+        return record
 
     def _record(self, record: Dict[str, float]) -> None:
         self.history.append(record)
         if self.run_dir and D.is_main_process():
             self.run_dir.append_metrics(record)
 
-    def _evaluate_and_record(self, epoch: int, train_loss: float) -> None:
+    def _evaluate_and_record(self, epoch: int, train: Dict[str, float]) -> None:
+        """Validate, and record the evaluation with ``train`` (:meth:`_train_record`)."""
         res = self._validate()
-        record = {"epoch": epoch + 1, "step": self.global_step, "train_loss": train_loss,
+        train_loss = train["train_loss"]
+        record = {"epoch": epoch + 1, "step": self.global_step, **train,
                   **{f"val_{k}": v for k, v in res.items()}, "lr": self.scheduler.get_last_lr()[0]}
         self._call("on_evaluate", record)  # callbacks may add to the record (e.g. ForgettingMonitor)
         self.should_stop = D.any_rank(self.should_stop)
@@ -794,7 +825,7 @@ class Trainer:
         return FitResult(history=list(self.history), best_epoch=best_epoch, best_metric=best,
                          stopped_early=self.stopped_early, global_step=self.global_step,
                          output_dir=str(self.output_dir) if self.output_dir else None,
-                         skipped_steps=self.skipped_steps)
+                         skipped_steps=self.skipped_steps, amp_skipped_steps=self.amp_skipped_steps)
 
     # --- checkpoints ------------------------------------------------------------------------------
 
@@ -813,7 +844,8 @@ class Trainer:
                      "rng": rngs[0], "rng_per_rank": rngs}
             state = {"global_step": self.global_step, "position": list(self._position), "history": self.history,
                      "skipped_steps": self.skipped_steps, "stopped_early": self.stopped_early,
-                     "run_loss": self._run_loss, "run_count": self._run_count,
+                     "run_loss": self._run_loss, "run_count": self._run_count, "run_parts": self._run_parts,
+                     "amp_skipped_steps": self.amp_skipped_steps,
                      "freeze_plan": self.freeze_plan.state_dict() if self.freeze_plan is not None else None,
                      "world_size": self.world_size, "batch_size": self.batch_size, "extra": self._extra_state()}
             self.run_dir.write_checkpoint(self.model, blobs, state)
@@ -859,6 +891,8 @@ class Trainer:
         self.skipped_steps = state["skipped_steps"]
         self.stopped_early = state["stopped_early"]
         self._run_loss, self._run_count = state["run_loss"], state["run_count"]
+        self._run_parts = list(state.get("run_parts", [0.0, 0.0]))
+        self.amp_skipped_steps = state.get("amp_skipped_steps", 0)
         self._load_extra_state(state.get("extra") or {})
 
 
@@ -886,12 +920,39 @@ def autocast(device: torch.device, precision: str):
     return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
 
 
-def optimizer_step(optimizer, scheduler, scaler=None) -> None:
-    """One optimizer step (through the GradScaler under fp16), the scheduler's step, gradients cleared."""
+def optimizer_step(optimizer, scheduler, scaler=None) -> bool:
+    """One optimizer step (through the GradScaler under fp16), the scheduler's step, gradients cleared.
+
+    Returns whether the parameters were updated: False when the GradScaler skipped the step for
+    inf/NaN gradients, and then the scheduler does not step either (the LR schedule counts updates)."""
+    updated = True
     if scaler is not None:
+        # The GradScaler lowers its scale exactly when it skips a step. The copy of the scale before is
+        # a device op; the comparison after is the one host sync per step (accelerate checks the same).
+        before = scaler._get_scale_async() if scaler.is_enabled() else None
+        before = before.clone() if before is not None else None
         scaler.step(optimizer)
         scaler.update()
+        updated = before is None or bool(scaler._get_scale_async() >= before)
     else:
         optimizer.step()
-    scheduler.step()
+    if updated:
+        scheduler.step()
     optimizer.zero_grad(set_to_none=True)
+    return updated
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether this machine's CPU does bfloat16 arithmetic natively (x86: AVX512-BF16 or AMX-BF16; Arm:
+    the BF16 extension), where bf16 autocast pays off; elsewhere bf16 is emulated and slow. Reads the
+    CPU flags in /proc/cpuinfo (Linux), else asks torch's CPU probes (x86); True when it cannot tell."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith(("flags", "Features")):
+                    return bool({"avx512_bf16", "amx_bf16", "bf16"} & set(line.split(":", 1)[-1].split()))
+    except OSError:
+        pass
+    probes = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    probes = [probe for probe in probes if probe is not None]
+    return any(probe() for probe in probes) if probes else True
