@@ -396,6 +396,26 @@ def test_set_boundary_moves_both_ways_and_clears_grads():
     assert all(not m._forward_pre_hooks and "train" not in vars(m) for m in model.modules())
 
 
+def test_plan_state_dict_round_trips_the_boundary():
+    model, blocks, _, _ = make("bert_cls")
+    plan = freeze_layers(model, 3)
+    plan.set_boundary(1)
+    state = plan.state_dict()
+    assert state == {"boundary": 1, "embeddings_frozen": True}
+    other = freeze_layers(make("bert_cls")[0], 3)
+    other.load_state_dict(state)
+    assert other.boundary == 1 and other.embeddings_frozen
+    other.load_state_dict({"boundary": 0, "embeddings_frozen": False})
+    assert all(p.requires_grad for p in other.model.parameters())
+    for bad in ({"boundary": 9, "embeddings_frozen": True}, {"boundary": 1}):
+        with pytest.raises(ValueError, match="FreezePlan.load_state_dict"):
+            plan.load_state_dict(bad)
+    assert plan.boundary == 1  # a refused state changes nothing
+    no_emb = freeze_layers(make("bert_cls")[0], 2, embeddings=False)
+    with pytest.raises(ValueError, match="embeddings=False"):
+        no_emb.load_state_dict(state)
+
+
 def test_unfreeze_all_restores_parameters_frozen_before_the_plan():
     model, blocks, _, _ = make("bert_cls")
     base = blocks[2].attention.self.query.weight
