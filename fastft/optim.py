@@ -93,10 +93,6 @@ def _check_param(p: Tensor, where: str) -> None:
             "supported: float32, float16, bfloat16, float64")
 
 
-# Until fastft.train.trainer imports fastft.distributed.is_dtensor itself.
-_is_dtensor = is_dtensor
-
-
 def _local(t: Optional[Tensor]) -> Optional[Tensor]:
     """This process's shard of a DTensor (sharing its memory: in-place updates land in it); others as they are."""
     return t.to_local() if is_dtensor(t) else t
