@@ -7,16 +7,21 @@
       tensorboard/         the same scalars, when TensorBoard is installed
       checkpoint/          model.safetensors, state.pt (optimizer, scheduler, scaler, callbacks,
                            replay, RNG states), trainer_state.json (written last: marks it complete)
-      model/               the final model (``save_pretrained`` or model.safetensors)
+      model/               the final model with its tokenizer and label names (see :meth:`RunDir.save_model`)
       curves.png           losses and validation metrics per optimizer step
 
 Folders are built under a temporary name and swapped in (:func:`fastft.atomic.atomic_dir`), so a run
-killed while saving leaves the previous checkpoint readable.
+killed while saving leaves the previous checkpoint readable. A run with a run folder stops on SIGINT /
+SIGTERM only after a checkpoint (:class:`StopSignals`).
 """
 
 from __future__ import annotations
 
+import inspect
 import json
+import signal
+import sys
+import threading
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -25,9 +30,25 @@ from torch import nn
 
 from ..atomic import atomic_dir, atomic_write
 
-__all__ = ["RunDir", "CHECKPOINT"]
+__all__ = ["RunDir", "CHECKPOINT", "StopSignals"]
 
 CHECKPOINT = "checkpoint"
+
+
+def _named_parameters(fn: Any) -> set:
+    try:
+        return set(inspect.signature(fn).parameters)
+    except (TypeError, ValueError):
+        return set()
+
+
+def _set_label_names(model: nn.Module, names: Any) -> None:
+    """Class names into a transformers model's config (``id2label`` / ``label2id``), when they fit its classes."""
+    config = getattr(model, "config", None)
+    if not names or isinstance(names, dict) or config is None or getattr(config, "num_labels", None) != len(names):
+        return
+    config.id2label = {i: str(n) for i, n in enumerate(names)}
+    config.label2id = {str(n): i for i, n in enumerate(names)}
 
 
 class RunDir:
@@ -76,17 +97,50 @@ class RunDir:
 
     # --- the final model --------------------------------------------------------------------------
 
-    def save_model(self, model: nn.Module, name: str = "model") -> Path:
-        """``<run>/<name>/``: ``model.save_pretrained`` when it has one, else ``model.safetensors``."""
+    def save_model(self, model: nn.Module, name: str = "model", tokenizer: Any = None,
+                   label_names: Any = None) -> Path:
+        """``<run>/<name>/``, complete or absent (built under ``.<name>.tmp``, which an error removes):
+
+        - a fastft model (:class:`fastft.SequenceClassifier`, :class:`fastft.MultiTaskModel`): its
+          ``save_pretrained`` with the tokenizer and the label names — load it back with the one call
+          ``fastft.SequenceClassifier.from_pretrained(folder)`` (``MultiTaskModel`` likewise);
+          transformers' Auto model classes refuse the folder with an error naming that call;
+        - a transformers model: ``save_pretrained`` (a model loaded from GGUF is saved dequantised,
+          see :func:`fastft.heads.save_transformers_model`) with the label names in its config
+          (``id2label`` / ``label2id``) and the tokenizer: its Auto classes load it;
+        - any other module: ``model.safetensors`` and the tokenizer.
+
+        Args:
+            tokenizer: a Hugging Face tokenizer to save with the model, or None.
+            label_names: class names, index = class id (for a MultiTaskModel: a dict task -> names), or None.
+        """
         from safetensors.torch import save_model
 
+        from ..heads import save_tokenizer, save_transformers_model
+
+        where = "fastft.RunDir.save_model"
         target = self.path / name
         with atomic_dir(target) as tmp:
-            if hasattr(model, "save_pretrained"):
-                model.save_pretrained(tmp)
+            save = getattr(model, "save_pretrained", None)
+            if save is not None and {"tokenizer", "id2label"} <= _named_parameters(save):  # fastft's own models
+                save(tmp, tokenizer=tokenizer, id2label=label_names)
             else:
-                save_model(model, str(tmp / "model.safetensors"))
+                if save is not None:
+                    _set_label_names(model, label_names)
+                    save_transformers_model(model, tmp)
+                else:
+                    save_model(model, str(tmp / "model.safetensors"))
+                save_tokenizer(tokenizer, tmp, where)
         return target
+
+    def last_checkpoint(self) -> str:
+        """Where the last complete checkpoint is and its optimizer step, in words (for messages)."""
+        try:
+            path = self.find_checkpoint()
+            step = json.loads((path / "trainer_state.json").read_text()).get("global_step")
+        except (OSError, ValueError):
+            return f"there is no complete checkpoint in {self.checkpoint}"
+        return f"the last checkpoint (optimizer step {step}) is in {path}"
 
     # --- checkpoints ------------------------------------------------------------------------------
 
@@ -158,3 +212,73 @@ class RunDir:
         fig.tight_layout()
         atomic_write(self.path / "curves.png", lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
         plt.close(fig)
+
+
+class StopSignals:
+    """SIGINT (Ctrl-C) and SIGTERM (a preempted cluster job) during training, remembered instead of
+    acted on at once, so the training loop can write a checkpoint at the next optimizer-step boundary
+    and then :meth:`stop`.
+
+    A context manager. On entry it installs its handlers — only when ``enabled`` and in the main
+    thread (the only thread Python lets set handlers) — and on exit it puts the previous handlers
+    back. A second SIGINT raises KeyboardInterrupt at once.
+
+    Args:
+        enabled: handle the signals (the trainers: when the run has a run folder). The same on every rank.
+        announce: print a line when a signal arrives (rank 0).
+    """
+
+    NAMES = ("SIGINT", "SIGTERM")
+
+    def __init__(self, enabled: bool = True, announce: bool = True) -> None:
+        self.enabled, self.announce = enabled, announce
+        self.received: Optional[int] = None
+        self._previous: Dict[int, Any] = {}
+
+    def __enter__(self) -> "StopSignals":
+        if self.enabled and threading.current_thread() is threading.main_thread():
+            for name in self.NAMES:
+                sig = getattr(signal, name, None)
+                previous = signal.getsignal(sig) if sig is not None else None
+                if previous is None:  # a handler not set from Python: it could not be put back
+                    continue
+                signal.signal(sig, self._handle)
+                self._previous[sig] = previous
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        while self._previous:
+            sig, previous = self._previous.popitem()
+            signal.signal(sig, previous)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if signum == signal.SIGINT and self.received == signal.SIGINT:
+            raise KeyboardInterrupt("fastft: second Ctrl-C: stopped at once")
+        if self.received is None:
+            self.received = signum
+            if self.announce:
+                again = " (Ctrl-C again stops at once)" if signum == signal.SIGINT else ""
+                print(f"fastft: {signal.Signals(signum).name} received: training stops after a checkpoint at the "
+                      f"end of this optimizer step{again}", file=sys.stderr, flush=True)
+
+    def pending(self) -> Optional[str]:
+        """``"SIGINT"`` when any rank received SIGINT, else ``"SIGTERM"`` when any received SIGTERM, else
+        None (always None when not ``enabled``). Under torchrun a collective: every rank calls it at
+        the same point and gets the same answer, so all ranks stop at the same step."""
+        if not self.enabled:
+            return None
+        from .. import distributed as D
+
+        got_int, got_term = D.all_reduce_sum([float(self.received == signal.SIGINT),
+                                              float(self.received == signal.SIGTERM)])
+        return "SIGINT" if got_int else "SIGTERM" if got_term else None
+
+    def stop(self, name: str, message: str) -> None:
+        """Stop for the signal ``name``: SIGINT raises KeyboardInterrupt(``message``); SIGTERM prints
+        ``message`` (when announcing) and raises SystemExit with status 143 (128 + SIGTERM, what a
+        process ended by SIGTERM reports, so a scheduler sees the job ended by its signal)."""
+        if name == "SIGINT":
+            raise KeyboardInterrupt(message)
+        if self.announce:
+            print(message, file=sys.stderr, flush=True)
+        raise SystemExit(128 + int(signal.SIGTERM))

@@ -656,12 +656,30 @@ class Trainer:
         return total
 
     def _train(self) -> FitResult:
+        """The run of :meth:`fit` and :meth:`resume`. With ``output_dir``, SIGINT (Ctrl-C) and SIGTERM (a
+        preempted cluster job) stop training at the next optimizer-step boundary — the end of the epoch,
+        its evaluation included, when the step ends one; after the final save when training had ended —
+        once a checkpoint is written: SIGINT then raises KeyboardInterrupt, SIGTERM ends the process
+        (SystemExit with status 143). :meth:`resume` continues either as if nothing had stopped it. A
+        second Ctrl-C stops at once. Under torchrun every rank stops at the same step. The handlers are
+        installed from the main thread only, and the previous ones come back when this returns or raises."""
+        with StopSignals(self.run_dir is not None, announce=D.is_main_process()) as self._signals:
+            self._train_steps()
+            result = self._finish()
+            stop_signal = self._signals.pending()
+            if stop_signal:
+                self._signals.stop(stop_signal, f"{self.where}: {stop_signal} received as training ended; the "
+                                                f"final model is saved in {self.run_dir.path / 'model'}")
+        return result
+
+    def _train_steps(self) -> None:
+        """Training steps (with evaluations and checkpoints) until the end, an early stop or a signal."""
         from tqdm.auto import tqdm
 
         self.model.train()
         if self.run_dir and D.is_main_process():
             self.run_dir.create()
-        self.should_stop = False
+        self.should_stop = self.stopped_early  # a resumed run that had stopped early trains no further
         self._call("on_fit_start")
         start_epoch, start_batch = self._position
         bar = tqdm(total=self.total_steps, initial=self.global_step, disable=not self.progress, desc="fine-tuning",
@@ -670,7 +688,7 @@ class Trainer:
         for epoch in range(start_epoch, self.epochs):
             batches = self._epoch_batches(epoch)
             first = start_batch if epoch == start_epoch else 0
-            if first == 0:
+            if first == 0 and not self.should_stop:
                 self._call("on_epoch_start", epoch)
             micro = first
             while micro < len(batches) and not self.should_stop:
@@ -687,10 +705,15 @@ class Trainer:
                                 **({"amp_skipped": self.amp_skipped_steps} if self.scaler is not None else {}))
                 self._call("on_step_end", self.global_step, step_loss)
                 self.should_stop = D.any_rank(self.should_stop)
+                # A signal stops here unless the step ends the epoch (then after its end) or the run.
+                stop_signal = self._signals.pending() if micro < len(batches) and not self.should_stop else None
                 if self.eval_every and self.global_step % self.eval_every == 0 and self._has_validation():
                     self._evaluate_and_record(epoch, self._train_record())
-                elif self.checkpoint_every and self.global_step % self.checkpoint_every == 0:
+                elif self.checkpoint_every and self.global_step % self.checkpoint_every == 0 or stop_signal:
                     self._save_checkpoint()
+                if stop_signal:
+                    bar.close()
+                    self._signals.stop(stop_signal, self._stopped_message(stop_signal))
             if self.should_stop:
                 break
             self._call("on_epoch_end", epoch)
@@ -700,11 +723,20 @@ class Trainer:
                 else:
                     self._record({"epoch": epoch + 1, "step": self.global_step, **self._train_record()})
                     self._save_checkpoint()
+            stop_signal = self._signals.pending() if epoch + 1 < self.epochs and not self.should_stop else None
+            if stop_signal:
+                if self.eval_every:  # no checkpoint is written at an epoch's end then
+                    self._save_checkpoint()
+                bar.close()
+                self._signals.stop(stop_signal, self._stopped_message(stop_signal))
             if self.should_stop:
                 break
         bar.close()
         self._call("on_fit_end")
-        return self._finish()
+
+    def _stopped_message(self, signal_name: str) -> str:
+        return (f"{self.where}: stopped by {signal_name} after optimizer step {self.global_step}; its checkpoint is in "
+                f"{self.run_dir.checkpoint}: continue with trainer.resume() (fastft finetune CONFIG --resume)")
 
     def _step(self, group: List[List[int]], epoch: int, micro_end: int) -> Optional[float]:
         """One optimizer step over the micro-batches ``group``; returns its loss, or None when the
@@ -817,11 +849,24 @@ class Trainer:
             if vals:
                 top = min(vals, key=lambda r: r["val_loss"])
                 best_epoch, best = top["epoch"], top["val_loss"]
+        error = None
         if self.run_dir and D.is_main_process():
-            self.run_dir.save_model(self.model)
-            self.run_dir.plot_curves(self.history)
+            names = getattr(self, "label_names", None)
+            if names is None and getattr(self, "label_maps", None):  # MultiTaskTrainer: names per task
+                names = {task: m.names for task, m in self.label_maps.items() if m.names is not None}
+            try:
+                self.run_dir.save_model(self.model, tokenizer=self.tokenizer, label_names=names)
+            except Exception as e:  # the run's result is still in its checkpoint: say where
+                error = e
+            else:
+                self.run_dir.plot_curves(self.history)
             self.run_dir.close()
-        D.barrier()
+        if D.any_rank(error is not None):  # every rank raises alike (and none leaves before rank 0 is done)
+            cause = f"{type(error).__name__}: {error}" if error is not None else "see rank 0"
+            raise RuntimeError(f"{self.where}: training ended (optimizer step {self.global_step}) but saving the "
+                               f"final model to {self.run_dir.path / 'model'} failed ({cause}). Nothing is lost: "
+                               f"{self.run_dir.last_checkpoint()}; fix the cause and call resume() (fastft finetune "
+                               "CONFIG --resume), which writes the model from it") from error
         return FitResult(history=list(self.history), best_epoch=best_epoch, best_metric=best,
                          stopped_early=self.stopped_early, global_step=self.global_step,
                          output_dir=str(self.output_dir) if self.output_dir else None,
