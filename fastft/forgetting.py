@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import copy
 import math
-from typing import Any, Dict, List, Optional
+import warnings
+from typing import Any, Dict, List, Optional, Set
 
 import torch
 from torch import Tensor, nn
@@ -37,8 +38,14 @@ class ForgettingMonitor(Callback):
     record keys ``pretrain_loss``, ``pretrain_ppl``, ``pretrain_loss_rise``; for an encoder without
     an LM head, the drift of its mean-pooled representations from a frozen pretrained copy — linear
     CKA (1 = unchanged) and mean cosine: ``repr_cka``, ``repr_cosine``. The values go into each
-    evaluation record (``result.history``, metrics.jsonl); with an ``output_dir`` the trainer's run
-    folder gets ``forgetting.png`` (task metric and pretraining loss per epoch).
+    evaluation record (``result.history``, metrics.jsonl), and the measure before training into a
+    first record of its own (epoch 0, step 0); with an ``output_dir`` the trainer's run folder gets
+    ``forgetting.png`` (task metric and the measure per optimizer step when the trainer evaluates every
+    ``eval_every`` steps, else per epoch).
+
+    The text must be held out: when some of it is also replayed (the trainer's
+    :class:`fastft.Replay`) or in the training data, the trainer warns at set-up, since the measure
+    would then show how well the model fits text it trains on, not what it forgets.
     """
 
     #: The keys the monitor adds to evaluation records (a language model's, or an encoder's).
@@ -115,10 +122,53 @@ class ForgettingMonitor(Callback):
             out.append(masked_mean_pool(hidden.float(), mask.to(device)).cpu())
         return torch.cat(out).double()
 
+    def on_setup(self, trainer) -> None:
+        """Warn (once, at set-up) when the held-out text is trained on: some of it replayed by
+        ``trainer.replay`` or in ``trainer.train_examples``."""
+        replayed = self._replayed(trainer)
+        trained = self._in_training_data(trainer)
+        both = replayed | trained
+        if not both:
+            return
+        parts = [f"{len(s)} {what}" for s, what in ((replayed, "replayed by fastft.Replay"),
+                                                    (trained, "in the training data")) if s]
+        warnings.warn(f"fastft.ForgettingMonitor: {len(both)} of the {len(self.texts)} held-out texts it measures "
+                      f"forgetting on are trained on ({', '.join(parts)}). The model fits those texts, so "
+                      "pretrain_loss / repr_cka would show how well it learns them, not how much of its pretraining "
+                      "it forgets. Measure on text disjoint from the replay and training data (e.g. one half of a "
+                      "corpus for Replay, the other half for ForgettingMonitor)", UserWarning, stacklevel=4)
+
+    def _replayed(self, trainer) -> Set[int]:
+        """Indices of the monitor's texts that the trainer's Replay also holds (whitespace-insensitive)."""
+        replay = getattr(trainer, "replay", None)
+        if replay is None or not getattr(replay, "texts", None):
+            return set()
+        replayed = {" ".join(t.split()) for t in replay.texts}
+        return {i for i, t in enumerate(self.texts) if " ".join(t.split()) in replayed}
+
+    def _in_training_data(self, trainer) -> Set[int]:
+        """Indices of the monitor's texts that are training examples: the same token ids as an example's
+        ``input_ids``, tokenized as the trainer tokenizes text."""
+        seqs = set()
+        for e in getattr(trainer, "train_examples", None) or ():
+            ids = e.get("input_ids") if isinstance(e, dict) else None
+            if ids is not None:
+                seqs.add(tuple(ids.tolist() if isinstance(ids, Tensor) else ids))
+        tokenizer = getattr(trainer, "tokenizer", None) or self.tokenizer
+        if not seqs or tokenizer is None:
+            return set()
+        limit = getattr(trainer, "text_max_length", getattr(trainer, "max_length", None))
+        encoded = tokenizer(self.texts, truncation=limit is not None, max_length=limit)["input_ids"]
+        return {i for i, ids in enumerate(encoded) if tuple(ids) in seqs}
+
     def on_fit_start(self, trainer) -> None:
         if self.baseline is None:
             self.setup(trainer.model)
             self.baseline = self.measure(trainer.model)
+            if "pretrain_loss" in self.baseline:
+                self.baseline["pretrain_loss_rise"] = 0.0
+            if getattr(trainer, "global_step", 0) == 0 and hasattr(trainer, "_record"):
+                trainer._record({"epoch": 0, "step": 0, **self.baseline})  # the measure before training
 
     def on_evaluate(self, trainer, record: Dict[str, float]) -> None:
         values = self.measure(trainer.model)
@@ -141,14 +191,17 @@ class ForgettingMonitor(Callback):
         key = "pretrain_loss" if self.kind in ("causal", "masked") else "repr_cka"
         task_key = next((k for k in ("val_accuracy", "val_mean_accuracy", "val_loss") if k in self.records[-1]), None)
         fig, ax = plt.subplots(figsize=(6, 4))
-        epochs = [0] + [r["epoch"] for r in self.records]
+        # Several evaluations per epoch (eval_every) would share an epoch: then the step is the axis.
+        by_step = bool(getattr(trainer, "eval_every", None))
+        x_key = "step" if by_step else "epoch"
+        xs = [0] + [r[x_key] for r in self.records]
         base = self.baseline.get(key, 1.0 if key == "repr_cka" else float("nan"))
-        ax.plot(epochs, [base] + [r[key] for r in self.records], "o-", color="tab:red", label=key)
-        ax.set_xlabel("epoch")
+        ax.plot(xs, [base] + [r[key] for r in self.records], "o-", color="tab:red", label=key)
+        ax.set_xlabel("optimizer step" if by_step else "epoch")
         ax.set_ylabel(key, color="tab:red")
         if task_key:
             ax2 = ax.twinx()
-            ax2.plot(epochs[1:], [r[task_key] for r in self.records], "s-", color="tab:blue", label=task_key)
+            ax2.plot(xs[1:], [r[task_key] for r in self.records], "s-", color="tab:blue", label=task_key)
             ax2.set_ylabel(task_key, color="tab:blue")
         fig.tight_layout()
         fig.savefig(out_dir / "forgetting.png", dpi=100)

@@ -84,3 +84,55 @@ def test_step_scales_weigh_rows_then_terms():
     task, replay = step_scales(6, 30, 2, 0.5)
     assert task * 30 == pytest.approx(6 / 8) and replay == pytest.approx(0.5 * 2 / 8)
     assert step_scales(4, 4) == (0.25, 0.0)  # no replay: the mean over the step's terms
+
+
+@pytest.mark.parametrize("batch_size, accumulation", [(8, 1), (4, 2)])
+def test_train_loss_splits_into_task_and_replay_parts(tok, batch_size, accumulation):
+    # lr=0: the weights stay, so every step's losses can be recomputed afterwards.
+    replay = fastft.Replay(GENERAL, ratio=0.25, weight=0.5, tokenizer=tok, max_length=20)
+    trainer = fastft.Trainer(tiny_gpt2(), lm_task(tok), epochs=1, batch_size=batch_size,
+                             gradient_accumulation=accumulation, lr=0.0, metrics=(), replay=replay,
+                             group_by_length=False, progress=False)
+    drawn = []
+    real_next = replay.next
+    replay.next = lambda n: drawn.append(real_next(n)) or drawn[-1]
+    record = trainer.fit().history[-1]
+    batches = trainer._epoch_batches(0)
+    steps = [batches[i:i + accumulation] for i in range(0, len(batches), accumulation)]
+    rows = [[r for rs in drawn[i * accumulation:(i + 1) * accumulation] for r in rs] for i in range(len(steps))]
+    with torch.no_grad():
+        # Each step: (B - r) / B times the task rows' token-mean loss, weight * r / B times the replay rows'.
+        task = [6 / 8 * float(trainer._rows_loss(trainer.model, [i for b in group for i in b])) for group in steps]
+        replayed = [0.5 * 2 / 8 * float(replay.loss(r, trainer.device)) for r in rows]
+    assert record["train_task_loss"] == pytest.approx(sum(task) / len(task), rel=1e-5)
+    assert record["train_replay_loss"] == pytest.approx(sum(replayed) / len(replayed), rel=1e-5)
+    assert record["train_task_loss"] + record["train_replay_loss"] == pytest.approx(record["train_loss"], rel=1e-6)
+
+
+def test_no_replay_no_loss_parts(tok):
+    record = fastft.Trainer(tiny_gpt2(), lm_task(tok), epochs=1, batch_size=8, metrics=(),
+                            progress=False).fit().history[-1]
+    assert "train_task_loss" not in record and "train_replay_loss" not in record
+
+
+def test_replay_run_resumes_with_its_loss_parts(tmp_path, tok):
+    class Crash(Exception):
+        pass
+
+    class CrashAt(fastft.Callback):
+        def on_step_end(self, trainer, step, loss):
+            if step == 4:
+                raise Crash()
+
+    def make(out, callbacks=()):
+        return fastft.Trainer(tiny_gpt2(), lm_task(tok), lm_task(tok)[:8], epochs=1, batch_size=8, lr=1e-3,
+                              metrics=(), eval_every=4, checkpoint_every=3, output_dir=str(out), progress=False,
+                              replay=fastft.Replay(GENERAL, ratio=0.25, tokenizer=tok, max_length=20),
+                              callbacks=list(callbacks))
+
+    full = make(tmp_path / "a").fit()
+    with pytest.raises(Crash):  # at step 4, before its evaluation: the checkpoint of step 3 holds the
+        # training-loss window of steps 1-3, which the record of step 4 averages
+        make(tmp_path / "b", [CrashAt()]).fit()
+    resumed = make(tmp_path / "b").resume()
+    assert resumed.history == full.history and "train_replay_loss" in full.history[-1]

@@ -300,3 +300,87 @@ def test_text_metrics_and_callable_metrics():
                              progress=False)
     record = trainer.fit().history[-1]
     assert 0.0 <= record["val_positive_rate"] <= 1.0 and "val_accuracy" in record
+
+
+def regression_with_large_targets(n=256):
+    """Targets of about 1e3: the fp16 gradients at GradScaler's initial scale (65536) overflow."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(n, 8, generator=g)
+    return list(zip(x, 1000.0 * (x[:, 0] + 0.5)))
+
+
+def linear(seed=0):
+    torch.manual_seed(seed)
+    return torch.nn.Linear(8, 1)
+
+
+def test_fp16_steps_the_grad_scaler_skips_are_not_steps(caplog):
+    trainer = fastft.Trainer(linear(), regression_with_large_targets(), epochs=1, batch_size=16, lr=1e-2,
+                             precision="fp16", metrics=(), progress=False)
+    with caplog.at_level("INFO", logger="fastft.train.trainer"):
+        result = trainer.fit()
+    assert result.amp_skipped_steps > 0 and result.global_step > 0
+    # Skipped steps consume their batches: every step slot is an update or a skip.
+    assert result.global_step + result.amp_skipped_steps == trainer.total_steps == 16
+    # The schedule and the optimizer count real updates only.
+    assert trainer.scheduler.last_epoch == result.global_step
+    assert all(float(s["step"]) == result.global_step for s in trainer.optimizer.state.values())
+    assert result.history[-1]["amp_skipped_steps"] == result.amp_skipped_steps
+    assert result.history[-1]["step"] == result.global_step
+    assert caplog.text.count("GradScaler skipped") == result.amp_skipped_steps
+
+
+def test_fp16_skips_survive_a_resume(tmp_path):
+    kwargs = dict(epochs=2, batch_size=16, lr=1e-2, precision="fp16", metrics=(), progress=False, checkpoint_every=2)
+    data = regression_with_large_targets(128)
+    full_trainer = fastft.Trainer(linear(), data, output_dir=str(tmp_path / "a"), **kwargs)
+    full = full_trainer.fit()
+    assert full.amp_skipped_steps > 2
+    with pytest.raises(Crash):  # after the checkpoint of step 2, which holds most of the skips
+        fastft.Trainer(linear(), data, output_dir=str(tmp_path / "b"), callbacks=[CrashAt(3)], **kwargs).fit()
+    resumed_trainer = fastft.Trainer(linear(seed=1), data, output_dir=str(tmp_path / "b"), **kwargs)
+    resumed = resumed_trainer.resume()
+    assert resumed.amp_skipped_steps == full.amp_skipped_steps and resumed.global_step == full.global_step
+    assert resumed.history == full.history
+    assert resumed_trainer.scheduler.last_epoch == full_trainer.scheduler.last_epoch == full.global_step
+    for a, b in zip(full_trainer.model.parameters(), resumed_trainer.model.parameters()):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("native", [False, True])
+def test_bf16_on_a_cpu_without_native_bf16_warns(monkeypatch, recwarn, native):
+    import fastft.train.trainer as T
+
+    monkeypatch.setattr(T, "cpu_has_native_bf16", lambda: native)
+    fastft.Trainer(mlp(), blobs(32), epochs=1, precision="bf16", device="cpu", progress=False)
+    ours = [w for w in recwarn if "bf16" in str(w.message)]
+    if native:
+        assert not ours
+    else:
+        assert len(ours) == 1 and issubclass(ours[0].category, UserWarning)
+        assert "native bf16" in str(ours[0].message) and "precision='fp32'" in str(ours[0].message)
+    fastft.Trainer(mlp(), blobs(32), epochs=1, precision="fp32", device="cpu", progress=False)
+    assert len([w for w in recwarn if "bf16" in str(w.message)]) == len(ours)
+
+
+def test_cpu_has_native_bf16_reads_the_cpu_flags(monkeypatch):
+    import builtins
+    import io
+
+    import fastft.train.trainer as T
+
+    real_open = builtins.open
+
+    def cpuinfo(flags):
+        def fake_open(path, *a, **k):
+            if str(path) == "/proc/cpuinfo":
+                return io.StringIO(f"processor\t: 0\nflags\t\t: {flags}\n")
+            return real_open(path, *a, **k)
+        return fake_open
+
+    monkeypatch.setattr(builtins, "open", cpuinfo("fpu sse avx2 avx512f avx512bw"))
+    assert T.cpu_has_native_bf16() is False
+    monkeypatch.setattr(builtins, "open", cpuinfo("fpu sse avx2 avx512f avx512_bf16"))
+    assert T.cpu_has_native_bf16() is True
+    monkeypatch.setattr(builtins, "open", cpuinfo("fpu amx_tile amx_bf16"))
+    assert T.cpu_has_native_bf16() is True

@@ -13,6 +13,10 @@ __all__ = ["Callback", "EarlyStopping"]
 class Callback:
     """Hooks the trainer calls; override what you need. ``trainer.should_stop = True`` ends training."""
 
+    def on_setup(self, trainer) -> None:
+        """At the end of the trainer's construction (for the callbacks passed to it): check the set-up,
+        e.g. warn about a configuration whose numbers would mislead."""
+
     def on_fit_start(self, trainer) -> None:
         """Before the first step (also after a resume)."""
 

@@ -24,7 +24,9 @@ def step_scales(task_rows: int, task_terms: int, replay_rows: int = 0, weight: f
 
     Returns ``(task_scale, replay_scale)``: a micro-batch's mean task loss over ``t`` terms contributes
     ``loss * t * task_scale``; the replay rows' share (see :meth:`Replay.loss_share`) contributes
-    ``share * replay_scale``. Without replay ``task_scale = 1 / task_terms``.
+    ``share * replay_scale``. Without replay ``task_scale = 1 / task_terms``. The two weighted terms
+    are what the trainers' records report as ``train_task_loss`` and ``train_replay_loss`` (their
+    sum is ``train_loss``).
     """
     rows = task_rows + replay_rows
     task_scale = task_rows / rows / max(task_terms, 1)
@@ -38,7 +40,9 @@ class Replay:
     Each step trains on ``batch_size - r`` task examples and ``r = round(ratio * batch_size)``
     replay examples with a language-modelling loss (next-token for a causal LM, masked-token for a
     masked LM), weighted by ``weight``: ``loss = ((B - r) task_loss + weight r replay_loss) / B``.
-    The replay examples come in a seeded shuffled order, each once per pass.
+    The replay examples come in a seeded shuffled order, each once per pass. Replay text is trained
+    on: measure forgetting (:class:`fastft.ForgettingMonitor`) on other, held-out text — the trainer
+    warns when the two overlap.
 
     Args:
         data: texts (or ``(text, label)`` pairs; the labels are ignored).
