@@ -103,24 +103,23 @@ __global__ void __launch_bounds__(kBlockSize) adamw_l2init_kernel(TensorListMeta
   if (aligned) {
     const int nvec = n / VEC;
     for (int i = threadIdx.x; i < nvec; i += blockDim.x) {
-      const int e = i * VEC;
-      auto rp = load_vec<scalar_t, VEC>(p + e);
-      auto rg = load_vec<scalar_t, VEC>(g + e);
-      auto rm = load_vec<scalar_t, VEC>(m + e);
-      auto rv = load_vec<scalar_t, VEC>(v + e);
+      auto rp = load_vec<scalar_t, VEC>(p, i);
+      auto rg = load_vec<scalar_t, VEC>(g, i);
+      auto rm = load_vec<scalar_t, VEC>(m, i);
+      auto rv = load_vec<scalar_t, VEC>(v, i);
       Vec<anchor_t, VEC> ra;
-      if constexpr (ANCHOR) ra = load_vec<anchor_t, VEC>(a + e);
+      if constexpr (ANCHOR) ra = load_vec<anchor_t, VEC>(a, i);
       Vec<scalar_t, VEC> rvmax;
-      if constexpr (AMSGRAD) rvmax = load_vec<scalar_t, VEC>(vmax + e);
+      if constexpr (AMSGRAD) rvmax = load_vec<scalar_t, VEC>(vmax, i);
 #pragma unroll
       for (int k = 0; k < VEC; ++k)
         adamw_element<scalar_t, anchor_t, opmath_t, AMSGRAD, STORE_GRAD, ANCHOR>(rp.val[k], rg.val[k], rm.val[k],
                                                                                  rv.val[k], rvmax.val[k], ra.val[k], c);
-      store_vec(p + e, rp);
-      if constexpr (STORE_GRAD) store_vec(g + e, rg);
-      store_vec(m + e, rm);
-      store_vec(v + e, rv);
-      if constexpr (AMSGRAD) store_vec(vmax + e, rvmax);
+      store_vec(p, rp, i);
+      if constexpr (STORE_GRAD) store_vec(g, rg, i);
+      store_vec(m, rm, i);
+      store_vec(v, rv, i);
+      if constexpr (AMSGRAD) store_vec(vmax, rvmax, i);
     }
     scalar_from = nvec * VEC;
   }
@@ -161,7 +160,7 @@ __global__ void __launch_bounds__(kBlockSize) sum_of_squares_kernel(TensorListMe
   if (is_aligned<scalar_t, VEC>(x)) {
     const int nvec = n / VEC;
     for (int i = threadIdx.x; i < nvec; i += blockDim.x) {
-      const auto r = load_vec<scalar_t, VEC>(x + i * VEC);
+      const auto r = load_vec<scalar_t, VEC>(x, i);
 #pragma unroll
       for (int k = 0; k < VEC; ++k) {
         const acc_t e = static_cast<acc_t>(r.val[k]);

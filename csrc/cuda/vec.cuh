@@ -21,14 +21,15 @@ __host__ __device__ __forceinline__ bool is_aligned(const void* ptr) {
   return reinterpret_cast<uintptr_t>(ptr) % (sizeof(T) * N) == 0;
 }
 
+// Vector i of p: elements p[i * N] ... p[i * N + N - 1].
 template <typename T, int N>
-__device__ __forceinline__ Vec<T, N> load_vec(const T* p) {
-  return *reinterpret_cast<const Vec<T, N>*>(p);
+__device__ __forceinline__ Vec<T, N> load_vec(const T* p, int64_t i = 0) {
+  return reinterpret_cast<const Vec<T, N>*>(p)[i];
 }
 
 template <typename T, int N>
-__device__ __forceinline__ void store_vec(T* p, const Vec<T, N>& v) {
-  *reinterpret_cast<Vec<T, N>*>(p) = v;
+__device__ __forceinline__ void store_vec(T* p, const Vec<T, N>& v, int64_t i = 0) {
+  reinterpret_cast<Vec<T, N>*>(p)[i] = v;
 }
 
 }  // namespace cuda
