@@ -149,7 +149,7 @@ def test_with_replay_and_forgetting_monitor():
     tasks = {"pol": fastft.Task(train=[(t, y % 2) for t, y in texts[:24]], val=[(t, y % 2) for t, y in texts[24:]]),
              "top": fastft.Task(train=texts[:24], val=texts[24:], num_labels=3)}
     replay = fastft.Replay(general, ratio=0.25, tokenizer=tok, lm=lm)
-    monitor = fastft.ForgettingMonitor(general, tokenizer=tok)
+    monitor = fastft.ForgettingMonitor([f"a quiet road in village {i} led north ." for i in range(30)], tokenizer=tok)
     mt = fastft.MultiTaskTrainer(lm.bert, tasks, tokenizer=tok, batch_size=8, epochs=1, lr=5e-3, replay=replay,
                                  callbacks=[monitor], progress=False)
     result = mt.fit()
