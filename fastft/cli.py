@@ -681,6 +681,13 @@ def main(argv: Optional[List[str]] = None) -> int:
             raise
         print(f"fastft {args.command}: {_one_line(e)}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        if args.traceback:
+            raise
+        saved = (f"the last checkpoint is in {job.out_dir}: continue with --resume" if job.out_dir
+                 else "nothing was saved (no output_dir)")
+        print(f"fastft {args.command}: interrupted; {saved}", file=sys.stderr)
+        return 130
     if distributed.is_main_process():
         _print_summary(summary)
     distributed.shutdown()

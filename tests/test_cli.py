@@ -374,3 +374,17 @@ def test_multitask_resume(tmp_path, capsys, tiny_model):
     assert rc == 0, err
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert set(summary["test"]) == {"a", "b"}
+
+
+def test_ctrl_c_is_one_line_and_exit_130(tmp_path, capsys, tiny_model, monkeypatch):
+    from fastft import cli
+
+    write_csv(tmp_path / "data.csv", 24)
+
+    def interrupted(self):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli.Job, "run", interrupted)
+    rc, _, err = finetune(capsys, tiny_job(tmp_path, tiny_model))
+    assert rc == 130 and "interrupted; the last checkpoint is in" in err and "--resume" in err
+    assert "Traceback" not in err
