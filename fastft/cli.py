@@ -617,10 +617,14 @@ def _summary(result, seconds: float, test_metrics: Dict[str, Any], out_dir: Opti
 
 
 def _print_summary(summary: Dict[str, Any]) -> None:
-    acc_key = "val_accuracy" if any("val_accuracy" in r for r in summary["history"]) else "val_mean_accuracy"
-    print(f"{'epoch':>5} {'val_loss':>9} {acc_key:>17}")
-    for r in summary["history"]:
-        print(f"{r['epoch']:>5} {r.get('val_loss', float('nan')):9.4f} {r.get(acc_key, float('nan')):17.4f}")
+    rows = [r for r in summary["history"] if "val_loss" in r]
+    keys = [k for r in rows for k in r if k.startswith("val_") and k not in ("val_loss", "val_mean_loss")]
+    # The run's first metric: its accuracy (or the mean over tasks) when it has one.
+    metric = next((k for k in ("val_accuracy", "val_mean_accuracy") if k in keys), keys[0] if keys else None)
+    print(f"{'epoch':>5} {'step':>6} {'val_loss':>9}" + (f" {metric:>17}" if metric else ""))
+    for r in rows:
+        shown = f" {r.get(metric, float('nan')):17.4f}" if metric else ""
+        print(f"{r['epoch']:>5} {r['step']:>6} {r['val_loss']:9.4f}{shown}")
     test = summary["test"]
     flat = {f"{k}.{m}": v for k, d in test.items() for m, v in d.items()} if test and isinstance(
         next(iter(test.values())), dict) else test

@@ -388,3 +388,15 @@ def test_ctrl_c_is_one_line_and_exit_130(tmp_path, capsys, tiny_model, monkeypat
     rc, _, err = finetune(capsys, tiny_job(tmp_path, tiny_model))
     assert rc == 130 and "interrupted; the last checkpoint is in" in err and "--resume" in err
     assert "Traceback" not in err
+
+
+def test_summary_table_shows_the_run_metric_and_steps(capsys):
+    from fastft import cli
+
+    history = [{"epoch": 1, "step": 4, "train_loss": 0.7, "val_loss": 0.69, "val_f1": 0.5},
+               {"epoch": 1, "step": 8, "train_loss": 0.6, "val_loss": 0.61, "val_f1": 0.75}]
+    cli._print_summary({"history": history, "test": {"loss": 0.6, "f1": 0.7}, "best_epoch": 1,
+                        "stopped_early": False, "seconds": 1.0, "output_dir": None})
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split() == ["epoch", "step", "val_loss", "val_f1"]
+    assert lines[2].split() == ["1", "8", "0.6100", "0.7500"]

@@ -130,3 +130,53 @@ def test_early_stopping_monitor_checked_at_set_up(tok):
     with pytest.raises(ValueError, match="repr_cka"):
         fastft.Trainer(classifier(), texts(8), texts(4), tokenizer=tok, callbacks=[monitor], progress=False,
                        early_stopping=fastft.EarlyStopping(monitor="repr_ck"))
+
+
+def test_what_a_new_user_tried(tok, tmp_path):
+    train = texts(16)
+    trainer = fastft.Trainer(classifier(), train, tokenizer=tok, max_length=8, epochs=1, batch_size=8,
+                             output_dir=str(tmp_path), progress=False)
+    # labelled pairs with names, and one plain string, predict like plain texts
+    torch.testing.assert_close(trainer.predict(train[:2]), trainer.predict([t for t, _ in train[:2]]))
+    assert trainer.predict("good great").shape == (1, 2)
+    with pytest.raises(ValueError, match="top_k"):
+        trainer.predict_labels(["good"], top_k=0)
+    trainer.fit()
+    saved = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "model"))
+    assert saved.model_max_length == 8  # the loaded tokenizer cuts texts as training did
+    with pytest.raises(ValueError, match="max_length=4096 is more than the 64 positions"):
+        fastft.Trainer(classifier(), train, tokenizer=tok, max_length=4096, progress=False)
+    with pytest.raises(ValueError, match=r"train_data\[0\] has the float label 0.5"):
+        fastft.Trainer(classifier(), [(t, 0.5) for t, _ in train], tokenizer=tok, progress=False)
+
+
+def test_eval_every_longer_than_the_run_still_validates_at_the_end(tok):
+    trainer = fastft.Trainer(classifier(), texts(24), texts(8, seed=1), tokenizer=tok, epochs=1, batch_size=4,
+                             eval_every=4, progress=False)
+    result = trainer.fit()
+    assert [r["step"] for r in result.history] == [4, 6]  # the last 2 steps are validated too
+    never = fastft.Trainer(classifier(), texts(8), texts(8, seed=1), tokenizer=tok, epochs=1, batch_size=4,
+                           eval_every=100, progress=False)
+    assert [r["step"] for r in never.fit().history] == [2]
+
+
+def test_hugging_face_head_anchored_without_new_modules_warns(tok):
+    cfg = transformers.BertConfig(vocab_size=30522, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                  intermediate_size=32, max_position_embeddings=64, num_labels=2)
+    with pytest.warns(UserWarning, match="new_modules"):
+        fastft.Trainer(transformers.BertForSequenceClassification(cfg), texts(8), tokenizer=tok, l2_init=0.1,
+                       progress=False)
+
+
+def test_multitask_label_names_and_predictions_per_task(tok):
+    enc = classifier().encoder
+    tasks = {"pol": fastft.Task(train=texts(16), labels=["pos", "neg"]), "ids": fastft.Task(train=texts(8, names=(0, 1)))}
+    mt = fastft.MultiTaskTrainer(enc, tasks, tokenizer=tok, progress=False)
+    assert mt.label_names == {"pol": ["pos", "neg"], "ids": None}
+    out = mt.predict_labels("pol", ["good great", "bad awful"])
+    assert all(o["label"] in ("pos", "neg") for o in out)
+    with pytest.raises(TypeError, match="labels is set per task, on Task.labels"):
+        fastft.MultiTaskTrainer(enc, tasks, tokenizer=tok, labels=["pos", "neg"], progress=False)
+    bad = {"pol": fastft.Task(train=texts(8), val=[("good", "great")])}
+    with pytest.raises(ValueError, match=r"Task\(labels=\[\.\.\.\]\)"):
+        fastft.MultiTaskTrainer(enc, bad, tokenizer=tok, progress=False)

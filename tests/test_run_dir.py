@@ -203,14 +203,15 @@ def test_failed_final_save_keeps_the_checkpoint_says_where_and_resume_writes_the
         trainer.fit()
     message = str(info.value)
     assert "saving the final model" in message and "No space left on device" in message
-    assert f"the last checkpoint (optimizer step 10) is in {tmp_path / 'checkpoint'}" in message
+    # eval_every=5 over 12 steps: evaluations at 5, 10 and (the steps since) 12, each with its checkpoint
+    assert f"the last checkpoint (optimizer step 12) is in {tmp_path / 'checkpoint'}" in message
     assert "resume()" in message
     assert not (tmp_path / "model").exists() and no_temp_folders(tmp_path)  # no .model.tmp left behind
-    assert json.loads((tmp_path / "checkpoint" / "trainer_state.json").read_text())["global_step"] == 10
+    assert json.loads((tmp_path / "checkpoint" / "trainer_state.json").read_text())["global_step"] == 12
 
     Flaky.fail = False
     resumed = fastft.Trainer(flaky(seed=3), data[:96], data[96:], **kw)
-    result = resumed.resume()  # redoes steps 11-12 (bit-identical), then saves
+    result = resumed.resume()  # nothing left to train: writes the model from the checkpoint
     assert result.global_step == trainer.global_step == 12
     same_weights(trainer.model, resumed.model)
     assert (tmp_path / "model" / "model.safetensors").is_file() and no_temp_folders(tmp_path)

@@ -262,7 +262,7 @@ def test_freeze_and_gradual_unfreezing_with_the_same_optimizer(tmp_path):
     g = torch.Generator().manual_seed(0)
     data = [{"input_ids": torch.randint(5, 50, (10,), generator=g).tolist(), "labels": i % 2} for i in range(32)]
     trainer = fastft.Trainer(model, data, epochs=3, batch_size=8, lr=1e-3, freeze=3, l2_init=0.01, progress=False,
-                             output_dir=str(tmp_path))
+                             new_modules=["classifier"], output_dir=str(tmp_path))
     unfreeze = fastft.GradualUnfreezing(trainer.freeze_plan, every=1)
     trainer.callbacks.append(unfreeze)
     opt = trainer.optimizer

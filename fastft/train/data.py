@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 __all__ = ["prepare_examples", "LabelNames", "Collator", "batch_order", "example_length", "loss_terms", "text_limit",
-           "has_token_labels", "to_device"]
+           "has_token_labels", "to_device", "without_labels", "position_limit"]
 
 
 def _is_text(x: Any) -> bool:
@@ -23,12 +23,9 @@ def text_limit(model: Any, tokenizer: Any) -> Optional[int]:
     tok_max = getattr(tokenizer, "model_max_length", None)
     if isinstance(tok_max, int) and 0 < tok_max < 1_000_000:
         limits.append(tok_max)
-    config = getattr(model, "config", None)
-    for name in ("max_position_embeddings", "n_positions"):
-        pos = getattr(config, name, None)
-        if isinstance(pos, int) and pos > 0:
-            limits.append(pos)
-            break
+    pos = position_limit(model)
+    if pos is not None:
+        limits.append(pos)
     return min(limits) if limits else None
 
 
@@ -69,6 +66,8 @@ def prepare_examples(data: Any, tokenizer=None, max_length: Optional[int] = None
             without a tokenizer, an empty text (naming ``what[i]``). Errors name ``where`` (the entry
             point the user called) and ``what`` (the argument).
     """
+    if unlabelled and isinstance(data, str):
+        data = [data]  # one text to predict
     try:
         n = len(data)
     except TypeError:
@@ -110,13 +109,14 @@ class LabelNames:
     (names are then optional). Once fixed, :meth:`encode` turns every example's name into its id.
     """
 
-    def __init__(self, names: Optional[Sequence[Any]]) -> None:
+    def __init__(self, names: Optional[Sequence[Any]], argument: str = "labels=[...]") -> None:
         self.names = list(names) if names is not None else None
+        self.argument = argument  # where the user gives the names, for messages
         self.ids = {n: i for i, n in enumerate(self.names)} if self.names is not None else None
 
     @classmethod
-    def from_examples(cls, examples: List[Any], names: Optional[Sequence[Any]], what: str,
-                      where: str) -> "LabelNames":
+    def from_examples(cls, examples: List[Any], names: Optional[Sequence[Any]], what: str, where: str,
+                      argument: str = "labels=[...]") -> "LabelNames":
         """Fix the mapping from the training ``examples`` and the user's ``names``.
 
         Raises:
@@ -125,10 +125,11 @@ class LabelNames:
         if names is not None:
             names = list(names)
             if not names or len(set(names)) != len(names):
-                raise ValueError(f"{where}: labels={names!r} must list each class name once, in id order")
-            return cls(names)
+                raise ValueError(f"{where}: {argument.split('[')[0]}{names!r} must list each class name once, in "
+                                 "id order")
+            return cls(names, argument)
         found = {y for y in map(_scalar_label, examples) if isinstance(y, str)}
-        return cls(sorted(found) if found else None)
+        return cls(sorted(found) if found else None, argument)
 
     def encode(self, examples: List[Any], what: str, where: str) -> List[Any]:
         """The examples with each string label replaced by its id (others as they are).
@@ -143,10 +144,10 @@ class LabelNames:
             if isinstance(y, str):
                 if self.ids is None:
                     raise ValueError(f"{where}: {what}[{i}] has the label name {y!r}, but the training labels are "
-                                     "class ids; use ids everywhere or pass labels=[names in id order]")
+                                     f"class ids; use ids everywhere or pass {self.argument} (names in id order)")
                 if y not in self.ids:
                     raise ValueError(f"{where}: {what}[{i}] has label {y!r}, which is not one of the run's labels "
-                                     f"{self.names}; fix the example or pass labels=[...] listing every class")
+                                     f"{self.names}; fix the example or pass {self.argument} listing every class")
                 y = self.ids[y]
                 e = {**e, "labels": y} if isinstance(e, dict) else (e[0], y)
             out.append(e)
@@ -245,6 +246,21 @@ class Collator:
             else:
                 batch[key] = _stack(values)
         return batch
+
+
+def without_labels(examples: List[Any]) -> List[Any]:
+    """The examples with their labels dropped (prediction needs none, and names are not tensors)."""
+    return [{k: v for k, v in e.items() if k != "labels"} if isinstance(e, dict) else (e[0], None) for e in examples]
+
+
+def position_limit(model: Any) -> Optional[int]:
+    """The positions the model's embeddings have (``max_position_embeddings`` / ``n_positions``), or None."""
+    config = getattr(model, "config", None)
+    for name in ("max_position_embeddings", "n_positions"):
+        pos = getattr(config, name, None)
+        if isinstance(pos, int) and pos > 0:
+            return pos
+    return None
 
 
 def to_device(batch: Any, device: torch.device) -> Any:

@@ -20,9 +20,9 @@ from torch import Tensor, nn
 from ..atomic import atomic_write
 from ..heads import ClassificationHead, ClassifierOutput, last_hidden_state
 from ..param_groups import mark_new
-from .data import LabelNames, batch_order, example_length, to_device
+from .data import LabelNames, batch_order, example_length, to_device, without_labels
 from .metrics import check_metric_names
-from .trainer import Trainer
+from .trainer import Trainer, ranked_labels
 
 __all__ = ["Task", "MultiTaskModel", "MultiTaskTrainer", "SAMPLING", "task_probabilities"]
 
@@ -218,7 +218,7 @@ class MultiTaskModel(nn.Module):
 
 
 #: Trainer arguments that a multi-task run sets per task (on each :class:`Task`) instead.
-PER_TASK = {"val_data": "Task.val", "num_labels": "Task.num_labels", "metrics": "Task.metrics",
+PER_TASK = {"val_data": "Task.val", "num_labels": "Task.num_labels", "metrics": "Task.metrics", "labels": "Task.labels",
             "loss_fn": "Task.loss_weight (the loss is each head's cross-entropy)"}
 
 
@@ -346,7 +346,7 @@ class MultiTaskTrainer(Trainer):
         self.label_maps = {}
         for name, t in tasks.items():
             raw = list(t.train) if t.train is not None else []
-            names = LabelNames.from_examples(raw, t.labels, f"task {name!r} train", where)
+            names = LabelNames.from_examples(raw, t.labels, f"task {name!r} train", where, "Task(labels=[...])")
             if names.names is not None and t.num_labels != len(names.names):
                 if t.num_labels != Task.num_labels and t.labels is None:
                     raise ValueError(f"{where}: task {name!r} has {len(names.names)} label names {names.names} "
@@ -489,6 +489,29 @@ class MultiTaskTrainer(Trainer):
         return self._evaluate_examples(examples, lambda batch: self._task_forward(task, batch),
                                        tuple(self.tasks[task].metrics))
 
+    @property
+    def label_names(self) -> Dict[str, Optional[List[Any]]]:
+        """Per task, its class names (index = class id), or None where its labels are ids."""
+        return {task: m.names for task, m in self.label_maps.items()}
+
+    @property
+    def id2label(self) -> Dict[str, Optional[Dict[int, Any]]]:
+        return {task: None if n is None else dict(enumerate(n)) for task, n in self.label_names.items()}
+
+    @property
+    def label2id(self) -> Dict[str, Optional[Dict[Any, int]]]:
+        return {task: None if n is None else {x: i for i, x in enumerate(n)} for task, n in self.label_names.items()}
+
+    def predict_labels(self, task: str, data: Any, top_k: Optional[int] = 1) -> List[Any]:
+        """``task``'s class predictions for ``data`` as :meth:`fastft.Trainer.predict_labels` gives them
+        (``{"label": name, "score": p}`` per example, or the ``top_k`` most likely).
+
+        Raises:
+            KeyError: unknown task. ValueError: a bad ``top_k``.
+        """
+        return ranked_labels(self.predict(task, data), self.label_maps[task].names if task in self.label_maps
+                             else None, top_k, f"{self.where}.predict_labels")
+
     def predict(self, task: str, data: Any) -> Tensor:
         """Logits (float32 ``[N, num_labels]``) of ``task``'s head for every example of ``data``, in order.
 
@@ -496,7 +519,7 @@ class MultiTaskTrainer(Trainer):
             KeyError: unknown task.
         """
         self._check_task(task, "predict")
-        examples = _as_dicts(self._examples(data, "data", f"{self.where}.predict", unlabelled=True))
+        examples = _as_dicts(without_labels(self._examples(data, "data", f"{self.where}.predict", unlabelled=True)))
         return self._predict_examples(
             examples, lambda batch: self.model(task, **{k: v for k, v in batch.items() if k != "labels"}))
 

@@ -24,12 +24,13 @@ from ..optim import AdamW
 from ..param_groups import param_groups
 from .callbacks import EarlyStopping
 from .data import (Collator, LabelNames, batch_order, example_length, has_token_labels, loss_terms, prepare_examples,
-                   text_limit, to_device)
+                   position_limit, text_limit, to_device, without_labels)
 from .metrics import check_metric_names, compute_metrics
 from .replay import step_scales
 from .run_dir import RunDir, StopSignals
 
-__all__ = ["Trainer", "FitResult", "seed_everything", "warmup_then_decay", "autocast", "model_output_field"]
+__all__ = ["Trainer", "FitResult", "seed_everything", "warmup_then_decay", "autocast", "model_output_field",
+           "ranked_labels"]
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 SCHEDULES = ("linear", "cosine", "constant")
@@ -106,6 +107,24 @@ def _settle_metrics(metrics: Optional[Tuple[Any, ...]], token_labels: bool, wher
                              "token (language modelling): their logits are [B, T, V]. Use metrics=('perplexity',) "
                              "(or leave metrics out), and score generated text yourself")
     return metrics
+
+
+def ranked_labels(logits: Tensor, names: Optional[Sequence[Any]], top_k: Optional[int], where: str) -> List[Any]:
+    """Per row of ``logits`` ``[N, C]``: ``{"label", "score"}`` (``top_k=1``) or the ``top_k`` most
+    likely such dicts (None: all), most likely first; scores are softmax (sigmoid for C = 1).
+
+    Raises:
+        ValueError: ``top_k`` is not None or an int >= 1.
+    """
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+        raise ValueError(f"{where}: top_k must be None (every class) or an int >= 1, got {top_k!r}")
+    probs = torch.sigmoid(logits) if logits.shape[-1] == 1 else torch.softmax(logits, -1)
+    out = []
+    for row in probs:
+        order = row.argsort(descending=True).tolist()[:top_k]
+        ranked = [{"label": names[c] if names else c, "score": float(row[c])} for c in order]
+        out.append(ranked[0] if top_k == 1 else ranked)
+    return out
 
 
 def _num_labels_of(model: nn.Module) -> Optional[int]:
@@ -279,6 +298,10 @@ class Trainer:
         #: Tokens kept per text (training, evaluation and prediction alike): ``max_length``, else the
         #: model's limit ``min(tokenizer.model_max_length, max_position_embeddings)``.
         self.text_max_length = max_length if max_length is not None else text_limit(model, tokenizer)
+        positions = position_limit(model)
+        if max_length is not None and positions is not None and max_length > positions:
+            raise ValueError(f"{where}: max_length={max_length} is more than the {positions} positions the model has "
+                             f"(config.max_position_embeddings); use max_length <= {positions} or leave it out")
         self._label_names_arg = labels
         self.num_labels = num_labels if num_labels is not None else _num_labels_of(model)
         self.collate = Collator(pad_token_id=pad_id_of(tokenizer))
@@ -311,6 +334,12 @@ class Trainer:
             replay.lm.to(self.device)  # an LM sharing the encoder brings its own head
         groups = param_groups(self.model, weight_decay, lr=lr, layerwise_lr_decay=layerwise_lr_decay,
                               new_modules=new_modules)
+        if l2_init and not any(g.get("l2_init") == 0.0 for g in groups) and type(self.model).__name__.endswith(
+                ("ForSequenceClassification", "ForTokenClassification", "ForQuestionAnswering")):
+            warnings.warn(f"{where}: l2_init={l2_init} anchors every parameter of {type(self.model).__name__}, "
+                          "including its task head, which transformers initialised randomly: name it in "
+                          "new_modules=[...] (e.g. ['classifier'], or ['score'] for decoder models) so that it is "
+                          "not pulled back to its random start", stacklevel=2)
         self.optimizer = AdamW(groups, lr=lr, weight_decay=weight_decay, l2_init=l2_init,
                                l2_init_mode=l2_init_mode, max_grad_norm=max_grad_norm)
         self.steps_per_epoch = math.ceil(self._batches_per_epoch() / gradient_accumulation)
@@ -459,8 +488,12 @@ class Trainer:
                 if y.numel() != 1:
                     continue  # sequence labels (token classification / LM): the model's own loss checks them
                 y = y.item()
-            if isinstance(y, float) or num_labels in (None, 1):
+            if num_labels in (None, 1):
                 continue
+            if isinstance(y, float):
+                raise ValueError(f"{self.where}: {what}[{i}] has the float label {y}, but the model has "
+                                 f"num_labels={num_labels} classes: give class ids or names (a float target "
+                                 "needs num_labels=1, regression)")
             if not (0 <= int(y) < num_labels):
                 raise ValueError(f"{self.where}: {what}[{i}] has label {y}, outside [0, {num_labels}) "
                                  f"(num_labels={num_labels})")
@@ -573,7 +606,7 @@ class Trainer:
 
         ``data``: examples as for training, or plain inputs without labels (texts with a tokenizer,
         tensors); texts are cut to :attr:`text_max_length` tokens as in training."""
-        examples = self._examples(data, "data", f"{self.where}.predict", unlabelled=True)
+        examples = without_labels(self._examples(data, "data", f"{self.where}.predict", unlabelled=True))
 
         def run(batch):
             if isinstance(batch, dict):
@@ -588,15 +621,7 @@ class Trainer:
         (``top_k=1``), or a list of the ``top_k`` most likely (``top_k=None``: every class), most
         likely first. ``label`` is the class name when the run has names, else the class id; ``score``
         the softmax probability (the sigmoid for a single-logit model)."""
-        logits = self.predict(data)
-        probs = torch.sigmoid(logits) if logits.shape[-1] == 1 else torch.softmax(logits, -1)
-        names = self.label_names
-        out = []
-        for row in probs:
-            order = row.argsort(descending=True).tolist()[:top_k or None]
-            ranked = [{"label": names[c] if names else c, "score": float(row[c])} for c in order]
-            out.append(ranked[0] if top_k == 1 else ranked)
-        return out
+        return ranked_labels(self.predict(data), self.label_names, top_k, f"{self.where}.predict_labels")
 
     # --- training ---------------------------------------------------------------------------------
 
@@ -731,6 +756,9 @@ class Trainer:
                 self._signals.stop(stop_signal, self._stopped_message(stop_signal))
             if self.should_stop:
                 break
+        if self.eval_every and self._has_validation() and not self.should_stop and self.global_step and \
+                (not self.history or self.history[-1]["step"] != self.global_step):
+            self._evaluate_and_record(self.epochs - 1, self._train_record())  # the steps since the last one
         bar.close()
         self._call("on_fit_end")
 
@@ -840,6 +868,19 @@ class Trainer:
             print(f"epoch {epoch + 1} step {self.global_step}: train_loss {train_loss:.4f}, {shown}", flush=True)
         self._save_checkpoint()
 
+    def _tokenizer_to_save(self) -> Any:
+        """The tokenizer, saved with the run's text limit as its ``model_max_length``, so that
+        ``tokenizer(texts, truncation=True)`` on the loaded model cuts texts as training did."""
+        tok = self.tokenizer
+        if tok is None or self.text_max_length is None or getattr(tok, "model_max_length", None) == \
+                self.text_max_length:
+            return tok
+        import copy
+
+        tok = copy.deepcopy(tok)
+        tok.model_max_length = self.text_max_length
+        return tok
+
     def _finish(self) -> FitResult:
         best_epoch = best = None
         if self.early_stopping is not None and self.early_stopping.best is not None:
@@ -851,11 +892,11 @@ class Trainer:
                 best_epoch, best = top["epoch"], top["val_loss"]
         error = None
         if self.run_dir and D.is_main_process():
-            names = getattr(self, "label_names", None)
-            if names is None and getattr(self, "label_maps", None):  # MultiTaskTrainer: names per task
-                names = {task: m.names for task, m in self.label_maps.items() if m.names is not None}
+            names = self.label_names
+            if isinstance(names, dict):  # MultiTaskTrainer: names per task
+                names = {task: n for task, n in names.items() if n is not None}
             try:
-                self.run_dir.save_model(self.model, tokenizer=self.tokenizer, label_names=names)
+                self.run_dir.save_model(self.model, tokenizer=self._tokenizer_to_save(), label_names=names)
             except Exception as e:  # the run's result is still in its checkpoint: say where
                 error = e
             else:
