@@ -88,7 +88,7 @@ class ClassifierOutput(dict):
     were given), also readable as ``out["logits"]`` / ``out["loss"]`` like a Hugging Face ModelOutput."""
 
     def __getattr__(self, name: str) -> Any:
-        if name in ("loss", "logits", "hidden_states"):
+        if name in ("loss", "logits"):
             return self.get(name)
         raise AttributeError(name)
 
