@@ -21,6 +21,13 @@ TORCH_LIBRARY(fastft, m) {
   m.def("masked_pool(Tensor hidden, Tensor? mask, str mode) -> (Tensor, Tensor)");
   // d hidden [B, tokens, H] from d pooled [B, H], written in one pass (zeros where nothing was pooled).
   m.def("masked_pool_backward(Tensor grad, Tensor? mask, Tensor index, str mode, SymInt tokens) -> Tensor");
+  // Fused cross-entropy over a chunk of float32 logits [n, V] with labels [n]: returns the per-row loss
+  // [n] (log-sum-exp minus the target's logit; 0 at rows whose label is ignore_index) and, when
+  // write_grad, overwrites the logits with the gradient of sum_r w_r * loss_r, (softmax - onehot) * w_r
+  // with w_r = scale * row_scale[r] (row_scale None: scale), 0 at ignored rows. Labels must be
+  // ignore_index or in [0, V) (checked by the caller). The GEMMs around it are the caller's.
+  m.def("cross_entropy_rows_(Tensor(a!) logits, Tensor labels, Tensor? row_scale, float scale, int ignore_index, "
+        "bool write_grad) -> Tensor");
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {

@@ -13,6 +13,7 @@ from .forgetting import ForgettingMonitor, continue_pretraining
 from .freezing import FreezePlan, GradualUnfreezing, freeze_layers
 from .heads import ClassificationHead, ClassifierOutput, SequenceClassifier
 from .layers import RequiresGradAttributeError, find_layers
+from .losses import linear_cross_entropy
 from .param_groups import layerwise_lr_groups
 from .pooling import POOL_MODES, Pool, masked_mean_pool, pool
 from .prompting import evaluate_prompting, few_shot_prompt
@@ -50,6 +51,7 @@ __all__ = [
     "find_layers",
     "freeze_layers",
     "layerwise_lr_groups",
+    "linear_cross_entropy",
     "masked_mean_pool",
     "pool",
     "__version__",

@@ -13,7 +13,7 @@ from typing import Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-__all__ = ["adamw_l2init_", "sum_of_squares", "pool", "masked_pool", "masked_pool_backward"]
+__all__ = ["adamw_l2init_", "sum_of_squares", "pool", "masked_pool", "masked_pool_backward", "cross_entropy_rows_"]
 
 
 def _opmath(dtype: torch.dtype) -> torch.dtype:
@@ -196,3 +196,22 @@ def masked_pool_backward(grad: Tensor, mask: Optional[Tensor], index: Tensor, mo
     else:
         hit = (index[:, None] == t[None, :])[:, :, None]
     return torch.where(hit, grad[:, None, :], torch.zeros((), dtype=grad.dtype, device=grad.device))
+
+
+def cross_entropy_rows_(logits: Tensor, labels: Tensor, row_scale: Optional[Tensor], scale: float,
+                        ignore_index: int, write_grad: bool) -> Tensor:
+    """Per-row cross-entropy of ``logits`` [n, V] (float32 / float64) against ``labels`` [n]: returns the
+    loss [n] (0 where the label is ``ignore_index``); with ``write_grad`` overwrites ``logits`` with
+    ``(softmax - onehot) * w_r``, ``w_r = scale * row_scale[r]`` (``row_scale`` None: ``scale``), 0 at
+    ignored rows."""
+    ignored = labels == ignore_index
+    safe = labels.masked_fill(ignored, 0)
+    lse = torch.logsumexp(logits, dim=1)
+    loss = (lse - logits.gather(1, safe[:, None])[:, 0]).masked_fill(ignored, 0.0)
+    if write_grad:
+        w = torch.full_like(lse, scale) if row_scale is None else scale * row_scale.to(logits.dtype)
+        w = w.masked_fill(ignored, 0.0)
+        grad = torch.exp(logits - lse[:, None]) * w[:, None]
+        grad.scatter_add_(1, safe[:, None], -w[:, None])
+        logits.copy_(grad)
+    return loss

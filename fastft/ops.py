@@ -9,14 +9,15 @@ only then are the op schemas defined.
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
 
 from . import _ext, _reference
 
-__all__ = ["use_kernel", "adamw_l2init_", "sum_of_squares", "masked_pool"]
+__all__ = ["use_kernel", "adamw_l2init_", "sum_of_squares", "masked_pool", "cross_entropy_rows_", "linear_cross_entropy",
+           "REDUCTIONS"]
 
 
 def use_kernel(device: torch.device) -> bool:
@@ -172,3 +173,113 @@ if _ext._C is not None:
 
     torch.library.register_autograd("fastft::masked_pool", _masked_pool_backward,
                                     setup_context=_masked_pool_setup_context)
+
+
+# --- cross_entropy_rows_ and linear_cross_entropy (the fused LM loss) ---------------------------------
+
+
+def cross_entropy_rows_(logits: Tensor, labels: Tensor, row_scale: Optional[Tensor], scale: float,
+                        ignore_index: int, write_grad: bool) -> Tensor:
+    """Per-row cross-entropy of a logits chunk [n, V], and its gradient written in place (see
+    :func:`fastft._reference.cross_entropy_rows_`). float32 chunks go to the kernel, float64 ones
+    (gradcheck) to the reference."""
+    if logits.dtype == torch.float32 and use_kernel(logits.device):
+        return torch.ops.fastft.cross_entropy_rows_(logits, labels, row_scale, scale, ignore_index, write_grad)
+    return _reference.cross_entropy_rows_(logits, labels, row_scale, scale, ignore_index, write_grad)
+
+
+if _ext._C is not None:
+
+    @torch.library.register_fake("fastft::cross_entropy_rows_")
+    def _cross_entropy_rows_fake(logits, labels, row_scale, scale, ignore_index, write_grad):
+        return logits.new_empty((logits.shape[0],))
+
+
+#: reduction name -> the int the op takes
+REDUCTIONS = {"none": 0, "sum": 1, "mean": 2}
+
+
+@torch.library.custom_op("fastft::linear_cross_entropy", mutates_args=())
+def linear_cross_entropy(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor, ignore_index: int,
+                         reduction: int, row_scale: Optional[Tensor], grad_hidden: bool, grad_weight: bool,
+                         grad_bias: bool, chunk_rows: int) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Cross-entropy of ``hidden [N, H] @ weight[V, H].T + bias`` against ``labels [N]`` without the
+    ``[N, V]`` logits: rows go in chunks of ``chunk_rows`` through ATen's GEMM, the fused row kernel
+    (:func:`cross_entropy_rows_`) and, for the gradients asked for, two more GEMMs. Returns ``(loss,
+    d_hidden, d_weight, d_bias)``: the loss (``reduction`` 0 none: ``[N]``; 1 sum, 2 mean over
+    non-ignored rows: a scalar) in float32 (float64 for float64 inputs), and the gradients of that
+    loss (times ``row_scale`` per row when given) for the flags set, empty otherwise. The inputs are
+    checked by :func:`fastft.linear_cross_entropy`."""
+    n, h_size = hidden.shape
+    vocab = weight.shape[0]
+    bad = (labels != ignore_index) & ((labels < 0) | (labels >= vocab))  # the kernel reads logits[r, label]
+    if bool(bad.any()):
+        i = int(bad.nonzero()[0, 0])
+        raise ValueError(f"fastft.linear_cross_entropy: labels[{i}] (flattened) is {int(labels[i])}, outside "
+                         f"[0, {vocab}) and not ignore_index={ignore_index}")
+    opmath = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    write = grad_hidden or grad_weight or grad_bias
+    scale = 1.0
+    if reduction == 2:
+        n_valid = int((labels != ignore_index).sum())
+        scale = 1.0 / n_valid if n_valid else 0.0
+    losses = hidden.new_empty((n,), dtype=opmath)
+    d_hidden = torch.empty_like(hidden) if grad_hidden else hidden.new_empty((0,))
+    d_weight = weight.new_zeros((vocab, h_size), dtype=opmath) if grad_weight else weight.new_empty((0,))
+    d_bias = weight.new_zeros((vocab,), dtype=opmath) if grad_bias else weight.new_empty((0,))
+    weight_t = weight.t()
+    for r0 in range(0, n, chunk_rows):
+        r1 = min(n, r0 + chunk_rows)
+        h = hidden[r0:r1]
+        logits = (h @ weight_t if bias is None else torch.addmm(bias, h, weight_t)).to(opmath).contiguous()
+        rows_scale = None if row_scale is None else row_scale[r0:r1].to(opmath).contiguous()
+        losses[r0:r1] = cross_entropy_rows_(logits, labels[r0:r1], rows_scale, scale, ignore_index, write)
+        if not write:
+            continue
+        g = logits.to(hidden.dtype)  # d loss / d logits of this chunk, in the GEMMs' dtype
+        if grad_hidden:
+            torch.mm(g, weight, out=d_hidden[r0:r1])
+        if grad_weight:
+            if g.dtype == opmath:
+                d_weight.addmm_(g.t(), h)
+            else:
+                d_weight.add_(g.t() @ h)
+        if grad_bias:
+            d_bias.add_(logits.sum(0))
+    loss = losses if reduction == 0 else losses.sum() * scale
+    return (loss, d_hidden, d_weight.to(weight.dtype) if grad_weight else d_weight,
+            d_bias.to(bias.dtype) if grad_bias else d_bias)
+
+
+@linear_cross_entropy.register_fake
+def _linear_cross_entropy_fake(hidden, weight, bias, labels, ignore_index, reduction, row_scale, grad_hidden,
+                               grad_weight, grad_bias, chunk_rows):
+    opmath = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    loss = hidden.new_empty((hidden.shape[0],) if reduction == 0 else (), dtype=opmath)
+    return (loss, hidden.new_empty(hidden.shape if grad_hidden else (0,)),
+            weight.new_empty(weight.shape if grad_weight else (0,)),
+            weight.new_empty((weight.shape[0],) if grad_bias else (0,),
+                             dtype=bias.dtype if bias is not None else weight.dtype))
+
+
+def _linear_cross_entropy_setup_context(ctx, inputs, output):
+    hidden, weight, bias, labels, ignore_index, reduction, _row_scale, _gh, _gw, _gb, chunk_rows = inputs
+    ctx.reduction, ctx.ignore_index, ctx.chunk_rows = reduction, ignore_index, chunk_rows
+    if reduction == 0:  # per-row losses: the backward weighs each row by its incoming gradient and recomputes
+        ctx.save_for_backward(hidden, weight, bias, labels)
+    else:  # a sum or mean: the forward already computed the gradients; the backward scales them
+        ctx.save_for_backward(*output[1:])
+
+
+def _linear_cross_entropy_backward(ctx, grad_loss, _gh, _gw, _gb):
+    need_h, need_w, need_b = ctx.needs_input_grad[:3]
+    if ctx.reduction == 0:
+        hidden, weight, bias, labels = ctx.saved_tensors
+        _, dh, dw, db = linear_cross_entropy(hidden, weight, bias, labels, ctx.ignore_index, 0, grad_loss,
+                                             need_h, need_w, need_b and bias is not None, ctx.chunk_rows)
+    else:
+        dh, dw, db = (t * grad_loss.to(t.dtype) if t.numel() else t for t in ctx.saved_tensors)
+    return (dh if need_h else None, dw if need_w else None, db if need_b else None) + (None,) * 8
+
+
+linear_cross_entropy.register_autograd(_linear_cross_entropy_backward, setup_context=_linear_cross_entropy_setup_context)
