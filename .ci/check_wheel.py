@@ -20,7 +20,7 @@ if args.expect_cuda:
     assert "cuda" in info["kernel_devices"], info
 
 # Every op has its kernels (CUDA too when expected) and the fake implementation fastft.ops registers.
-for op in ("adamw_l2init_", "sum_of_squares", "masked_pool", "masked_pool_backward"):
+for op in ("adamw_l2init_", "sum_of_squares", "masked_pool", "masked_pool_backward", "cross_entropy_rows_"):
     for key in ["CPU", "Meta"] + (["CUDA"] if args.expect_cuda else []):
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"fastft::{op}", key), f"fastft::{op}: no {key} kernel"
 

@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Everything a GPU machine has to show, in one call (well under 10 minutes):
 #   1. build fastft with CUDA for this card, print fastft.build_info()
-#   2. every CUDA test (kernels against the references, every dtype, chunk/launch boundaries, >2^31 elements)
-#   3. compute-sanitizer memcheck and racecheck over a small optimizer step and pooling fwd/bwd
+#   2. every CUDA test under tests/ (test_adamw/optim, test_pooling, test_linear_ce, ...: kernels against
+#      the references, every dtype, chunk/launch boundaries), then cross_entropy_rows_ past 2^31 elements
+#   3. compute-sanitizer memcheck and racecheck over a small optimizer step, pooling fwd/bwd and
+#      cross_entropy_rows_ (odd vocab, unaligned rows, ignored rows, row_scale)
 #   4. benchmarks (CUDA-event medians), the table printed last and written to benchmarks/results/
 # Needs: torch with CUDA, nvcc, cmake, ninja, scikit-build-core, pytest (no network).
 # Results are also copied to $OUT when it is set (the device tool brings $OUT back).
@@ -28,6 +30,23 @@ $PY -c "import fastft, json; i = fastft.build_info(); print(json.dumps(i)); asse
 step "CUDA tests"
 timeout 300 $PY -m pytest -q -x tests -k "cuda" 2>&1 | tail -25 | tee -a "$LOG"
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+# (tests/test_linear_ce.py is part of the run above.) Logits past 2^31 elements (8.6 GB, too big for a
+# test): the row offsets r * V need 64 bits.
+BIG='
+import torch, fastft
+from fastft import _reference
+n, V = 16800, 128256
+x = torch.randn(n, V, device="cuda")
+labels = torch.randint(0, V, (n,), device="cuda")
+tail = x[-3:].clone()
+loss = torch.ops.fastft.cross_entropy_rows_(x, labels, None, 0.5, -100, True)
+want = _reference.cross_entropy_rows_(tail, labels[-3:], None, 0.5, -100, True)
+torch.testing.assert_close(loss[-3:], want, rtol=1e-5, atol=1e-5)
+torch.testing.assert_close(x[-3:], tail, rtol=1e-5, atol=1e-9)
+print(f"cross_entropy_rows_ [{n}, {V}] = {n * V} elements: last rows match the reference")
+'
+timeout 120 $PY -c "$BIG" 2>&1 | tail -4 | tee -a "$LOG"
+[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 
 step "compute-sanitizer"
 CASE='
@@ -49,6 +68,17 @@ for dtype in (torch.float32, torch.bfloat16):
         for mode in fastft.POOL_MODES:
             fastft.pool(h, m, mode).float().sum().backward()
             fastft.pool(h.transpose(0, 1).contiguous().transpose(0, 1), None, mode).float().sum().backward()
+# cross_entropy_rows_: one vocab per launch shape (warp per row, 128 and 512 threads per row); rows that
+# start off a 16-byte boundary (odd V, and a base 1 float in); ignored rows; row_scale; with/without grad.
+for n, V in ((9, 7), (5, 4099), (3, 20011), (4, 20012)):
+    for offset in (0, 1):
+        buf = torch.randn(n * V + offset, device="cuda")
+        x = buf[offset:].view(n, V)
+        labels = torch.randint(0, V, (n,), device="cuda")
+        labels[1] = -100
+        for rs in (None, torch.rand(n, device="cuda")):
+            for write_grad in (False, True):
+                torch.ops.fastft.cross_entropy_rows_(x, labels, rs, 0.5, -100, write_grad)
 torch.cuda.synchronize()
 '
 if command -v compute-sanitizer >/dev/null; then
@@ -64,6 +94,9 @@ step "benchmarks"
 timeout 200 $PY benchmarks/bench_pool.py --device cuda 2>&1 | tee "$RES/gpu_bench_pool.txt"
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 timeout 240 $PY benchmarks/bench_adamw.py --device cuda --sizes 23M 350M 1.3B 2>&1 | tee "$RES/gpu_bench_adamw.txt"
+[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+timeout 240 $PY benchmarks/bench_linear_ce.py --device cuda --hidden 4096 --vocab 128256 --tokens 8192 --dtype bf16 \
+  2>&1 | tee "$RES/gpu_bench_linear_ce.txt"
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 
 if [ -n "${OUT:-}" ]; then cp -r "$RES"/. "$OUT"/; fi
