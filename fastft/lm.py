@@ -10,7 +10,8 @@ import torch
 from torch import Tensor, nn
 
 __all__ = ["lm_kind", "mask_tokens", "pack_blocks", "lm_examples", "right_pad", "pad_lm_batch", "lm_loss",
-           "read_texts", "check_tokenizer", "pad_id_of"]
+           "read_texts", "check_tokenizer", "pad_id_of",
+           "fused_lm_parts", "fused_causal_lm_loss"]
 
 
 def lm_kind(model: nn.Module) -> Optional[str]:
@@ -135,12 +136,66 @@ def pad_lm_batch(examples: List[Dict[str, Any]], pad_id: int, device: torch.devi
     return {"input_ids": ids.to(device), "attention_mask": mask.to(device), "labels": labels.to(device)}
 
 
-def lm_loss(lm: nn.Module, batch: Dict[str, Tensor]) -> Tensor:
-    """The model's own token-mean LM loss of ``batch`` (``lm(**batch).loss``).
+#: Config attributes of heads that do more than a linear map (Gemma-2's soft-capping, Cohere's and
+#: Granite's logit scaling): their LM loss takes the model's own path.
+_NONLINEAR_HEAD = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
+
+
+def fused_lm_parts(lm: nn.Module) -> Optional[Tuple[nn.Module, nn.Linear]]:
+    """``(backbone, head)`` of a Hugging Face causal LM whose logits are exactly ``head(backbone(...)
+    .last_hidden_state)`` (an ``nn.Linear``, tied or not, bias or not), so that its loss can go through
+    :func:`fastft.linear_cross_entropy`; None for anything else (masked LMs, whose head transforms
+    before its linear map; heads that soft-cap or scale the logits; models without the standard
+    ``base_model_prefix`` / ``get_output_embeddings``)."""
+    if lm_kind(lm) != "causal":
+        return None
+    config = getattr(lm, "config", None)
+    if any(getattr(config, name, None) not in (None, 1, 1.0) for name in _NONLINEAR_HEAD):
+        return None
+    try:
+        head = lm.get_output_embeddings()
+        backbone = getattr(lm, lm.base_model_prefix)
+    except (AttributeError, TypeError, NotImplementedError):
+        return None
+    if type(head) is not nn.Linear or not isinstance(backbone, nn.Module) or backbone is lm:
+        return None
+    return backbone, head
+
+
+def fused_causal_lm_loss(lm: nn.Module, batch: Dict[str, Tensor]) -> Optional[Tensor]:
+    """The token-mean next-token loss of ``batch`` (``input_ids``, ``labels`` [B, T] with -100 where
+    nothing is predicted, ``attention_mask``...) computed as the model's own loss is — labels shifted
+    by one, the mean over the targets — through :func:`fastft.linear_cross_entropy`, without the
+    ``[B, T, V]`` logits; under autocast the head's matmul runs in the autocast dtype, as ``lm_head``
+    would. None when :func:`fused_lm_parts` refuses the model (use its own loss then)."""
+    parts = fused_lm_parts(lm)
+    labels = batch.get("labels")
+    if parts is None or labels is None or labels.dim() != 2:
+        return None
+    from .losses import linear_cross_entropy
+
+    backbone, head = parts
+    out = backbone(**{k: v for k, v in batch.items() if k != "labels"})
+    hidden = out[0] if isinstance(out, (tuple, list)) else out.last_hidden_state
+    weight, bias = head.weight, head.bias
+    if torch.is_autocast_enabled(hidden.device.type):
+        dtype = torch.get_autocast_dtype(hidden.device.type)
+        weight, bias = weight.to(dtype), (None if bias is None else bias.to(dtype))
+    with torch.autocast(hidden.device.type, enabled=False):
+        return linear_cross_entropy(hidden[:, :-1].to(weight.dtype), weight, labels[:, 1:], bias)
+
+
+def lm_loss(lm: nn.Module, batch: Dict[str, Tensor], fused: bool = True) -> Tensor:
+    """The model's token-mean LM loss of ``batch``: through :func:`fused_causal_lm_loss` for the causal
+    LMs it takes (``fused=True``), else the model's own ``lm(**batch).loss``.
 
     Raises:
         TypeError: the model returned no loss for ``labels=``.
     """
+    if fused:
+        loss = fused_causal_lm_loss(lm, batch)
+        if loss is not None:
+            return loss
     out = lm(**batch)
     loss = getattr(out, "loss", None)
     if loss is None:

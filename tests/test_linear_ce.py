@@ -161,3 +161,63 @@ def test_bad_input_is_named(bad, match):
     kw.update(bad)
     with pytest.raises(ValueError, match=match):
         fastft.linear_cross_entropy(**kw)
+
+
+# --- the trainers' LM loss ---------------------------------------------------------------------------
+
+
+def _tiny_lm(kind, seed=0):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(seed)
+    if kind == "gpt2":
+        cfg = transformers.GPT2Config(vocab_size=120, n_embd=16, n_layer=2, n_head=2, n_positions=32,
+                                      resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+        return transformers.GPT2LMHeadModel(cfg)
+    cfg = transformers.LlamaConfig(vocab_size=120, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                   num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=32,
+                                   tie_word_embeddings=kind == "llama-tied")
+    return transformers.LlamaForCausalLM(cfg)
+
+
+def _lm_rows(n=24, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for i in range(n):
+        ids = torch.randint(0, 120, (5 + i % 7,), generator=g).tolist()
+        labels = list(ids)
+        labels[0] = -100  # a prompt token: no loss
+        rows.append({"input_ids": ids, "labels": labels})
+    return rows
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama", "llama-tied"])
+@pytest.mark.parametrize("freeze", [None, 1])
+def test_trainer_fused_lm_loss_equals_the_models_own(kind, freeze, monkeypatch):
+    import fastft.losses
+
+    calls = []
+    real = fastft.losses.linear_cross_entropy
+    monkeypatch.setattr(fastft.losses, "linear_cross_entropy", lambda *a, **k: calls.append(1) or real(*a, **k))
+    kw = dict(epochs=1, batch_size=8, lr=1e-2, group_by_length=False, freeze=freeze, progress=False)
+    fused = fastft.Trainer(_tiny_lm(kind), _lm_rows(), _lm_rows(8, seed=1), **kw)
+    plain = fastft.Trainer(_tiny_lm(kind), _lm_rows(), _lm_rows(8, seed=1), fused_lm_loss=False, **kw)
+    assert fused.fused_lm and not plain.fused_lm
+    a, b = fused.fit(), plain.fit()
+    assert calls  # the fused path ran
+    for (n, p), q in zip(fused.model.named_parameters(), plain.model.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5, msg=n)
+    assert a.history[-1]["val_loss"] == pytest.approx(b.history[-1]["val_loss"], rel=1e-5)
+    assert a.history[-1]["val_perplexity"] == pytest.approx(b.history[-1]["val_perplexity"], rel=1e-5)
+
+
+def test_heads_that_are_not_a_plain_linear_map_take_the_models_loss():
+    from fastft.lm import fused_lm_parts
+
+    model = _tiny_lm("llama")
+    assert fused_lm_parts(model) is not None
+    model.config.final_logit_softcapping = 30.0  # Gemma-2 style: the loss must see the capped logits
+    assert fused_lm_parts(model) is None
+    transformers = pytest.importorskip("transformers")
+    mlm = transformers.BertForMaskedLM(transformers.BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1,
+                                                               num_attention_heads=2, intermediate_size=32))
+    assert fused_lm_parts(mlm) is None  # its head transforms before the decoder

@@ -69,6 +69,8 @@ class Replay:
         self._order: List[int] = []
         self._pass = 0
         self._pos = 0
+        #: compute the LM loss with fastft.linear_cross_entropy where the LM allows (the trainer sets it)
+        self.fused = True
         self.seen = 0  # replay examples trained on so far
 
     def count(self, batch_size: int) -> int:
@@ -106,7 +108,7 @@ class Replay:
 
     def loss(self, examples: List[Dict[str, Any]], device: torch.device) -> Tensor:
         """Language-modelling loss of ``examples``."""
-        return lm_loss(self.lm, pad_lm_batch(examples, pad_id_of(self.tokenizer), device)).float()
+        return lm_loss(self.lm, pad_lm_batch(examples, pad_id_of(self.tokenizer), device), self.fused).float()
 
     def targets(self, example: Dict[str, Any]) -> int:
         """Target tokens of a replay example (the terms of its token-mean LM loss)."""

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import distributed as D
-from ..lm import lm_kind, pad_id_of
+from ..lm import fused_causal_lm_loss, fused_lm_parts, lm_kind, pad_id_of
 from ..optim import AdamW
 from ..param_groups import param_groups
 from .callbacks import EarlyStopping
@@ -226,6 +226,14 @@ class Trainer:
             anchored by L2-to-init. Name a Hugging Face ``AutoModelForSequenceClassification``'s fresh
             ``classifier`` (``score`` for decoder models) here.
 
+        labels: class names in id order (``labels[i]`` is class i); None: the sorted distinct names
+            when the training labels are strings, else the labels are class ids. Saved with the model.
+        fused_lm_loss: for a causal LM trained on token labels, compute its loss with
+            :func:`fastft.linear_cross_entropy` from the backbone's hidden states and the LM head's
+            weight, without the ``[B, T, V]`` logits (replay's LM loss too); equal to the model's own
+            loss to fp32 tolerance. Models whose head is not a plain linear map (soft-capping, logit
+            scaling; see :func:`fastft.lm.fused_lm_parts`) and runs under torchrun (where the forward
+            must go through DDP) take the model's own loss. Default True.
     Raises:
         TypeError: ``model`` is not an ``nn.Module``, or data of a form the trainer does not read.
         ValueError: an argument out of range or of the wrong kind (the message names it), empty data,
@@ -248,7 +256,8 @@ class Trainer:
                  num_labels: Optional[int] = None, callbacks: Sequence[Any] = (), seed: int = 0,
                  skip_nonfinite: bool = False, checkpoint_every: Optional[int] = None, progress: bool = True,
                  device: Optional[str] = None, replay: Any = None, find_unused_parameters: bool = True,
-                 new_modules: Sequence[Any] = (), labels: Optional[Sequence[Any]] = None) -> None:
+                 new_modules: Sequence[Any] = (), labels: Optional[Sequence[Any]] = None,
+                 fused_lm_loss: bool = True) -> None:
         where = self.where
         if not isinstance(model, nn.Module):
             raise TypeError(f"{where}: model must be an nn.Module, got {type(model).__name__}")
@@ -349,6 +358,11 @@ class Trainer:
                                                            warmup_then_decay(self.total_steps, warmup, scheduler))
         self.scaler = torch.amp.GradScaler(self.device.type) if precision == "fp16" else None
         self._takes_labels = _forward_takes_labels(self.model)
+        #: Whether this run's LM loss goes through fastft.linear_cross_entropy (see ``fused_lm_loss``).
+        self.fused_lm = bool(fused_lm_loss and loss_fn is None and not self.distributed
+                             and has_token_labels(self.train_examples) and fused_lm_parts(self.model) is not None)
+        if replay is not None:
+            replay.fused = bool(fused_lm_loss) and not self.distributed
 
         self.global_step = 0
         self.history: List[Dict[str, float]] = []
@@ -508,6 +522,11 @@ class Trainer:
         """(fp32 mean loss, logits, labels) of one collated batch."""
         module = self.model if module is None else module
         batch = to_device(batch, self.device)
+        if self.fused_lm and isinstance(batch, dict):
+            with self._autocast():
+                loss = fused_causal_lm_loss(module, batch)
+            if loss is not None:
+                return loss.float(), None, batch.get("labels")
         with self._autocast():
             if isinstance(batch, dict):
                 labels = batch.get("labels")
