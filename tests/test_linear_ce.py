@@ -53,8 +53,10 @@ def test_row_kernel_matches_the_reference(device, rows, vocab, row_scale):
     a, b = logits.clone(), logits.clone()
     loss = torch.ops.fastft.cross_entropy_rows_(a, labels, scale, 0.25, -100, True)
     want = _reference.cross_entropy_rows_(b, labels, scale, 0.25, -100, True)
-    torch.testing.assert_close(loss, want, rtol=2e-6, atol=2e-6)
-    torch.testing.assert_close(a, b, rtol=2e-6, atol=1e-8)
+    # CPU: a polynomial exp (rel. error < 1e-8); CUDA: __expf (rel. error ~ 1e-6)
+    rtol, atol = (2e-6, 1e-8) if device == "cpu" else (2e-5, 1e-7)
+    torch.testing.assert_close(loss, want, rtol=rtol, atol=2e-6)
+    torch.testing.assert_close(a, b, rtol=rtol, atol=atol)
     c = logits.clone()
     torch.testing.assert_close(torch.ops.fastft.cross_entropy_rows_(c, labels, scale, 1.0, -100, False), want)
     assert torch.equal(c, logits)  # without write_grad the logits are left as they were
