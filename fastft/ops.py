@@ -278,7 +278,11 @@ def _linear_cross_entropy_backward(ctx, grad_loss, _gh, _gw, _gb):
         _, dh, dw, db = linear_cross_entropy(hidden, weight, bias, labels, ctx.ignore_index, 0, grad_loss,
                                              need_h, need_w, need_b and bias is not None, ctx.chunk_rows)
     else:
-        dh, dw, db = (t * grad_loss.to(t.dtype) if t.numel() else t for t in ctx.saved_tensors)
+        # loss.backward() brings a gradient of exactly 1: the saved gradients are then the answer, handed
+        # over as they are (autograd moves them into .grad without a second copy of a [V, H] tensor).
+        traced = torch._subclasses.fake_tensor.is_fake(grad_loss) or torch._is_functional_tensor(grad_loss)
+        one = not traced and bool(grad_loss == 1)
+        dh, dw, db = (t if one or not t.numel() else t * grad_loss.to(t.dtype) for t in ctx.saved_tensors)
     return (dh if need_h else None, dw if need_w else None, db if need_b else None) + (None,) * 8
 
 

@@ -223,3 +223,12 @@ def test_heads_that_are_not_a_plain_linear_map_take_the_models_loss():
     mlm = transformers.BertForMaskedLM(transformers.BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1,
                                                                num_attention_heads=2, intermediate_size=32))
     assert fused_lm_parts(mlm) is None  # its head transforms before the decoder
+
+
+def test_backward_twice_and_with_a_gradient_other_than_one():
+    hidden, weight, labels, _ = inputs((6,), 30, torch.float32, "cpu")
+    loss = fastft.linear_cross_entropy(hidden, weight, labels)
+    first = torch.autograd.grad(loss, [hidden, weight], retain_graph=True)
+    again = torch.autograd.grad(loss * 3, [hidden, weight])
+    for a, b in zip(first, again):
+        torch.testing.assert_close(a * 3, b)
