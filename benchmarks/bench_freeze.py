@@ -52,7 +52,7 @@ from torch import nn  # noqa: E402
 
 import fastft  # noqa: E402
 from fastft.freezing import find_layers, freeze_layers, layerwise_lr_groups  # noqa: E402
-from _common import git_commit, write_results  # noqa: E402
+from _common import git_commit, reset_peak_rss, status_kb, write_results  # noqa: E402
 
 BATCH, SEQ, LR, DECAY, WD, L2 = 32, 128, 2e-5, 0.9, 0.01, 0.01
 VARIANTS = ["full", "freeze_2", "freeze_4", "freeze_6", "rgfalse_2", "rgfalse_4", "rgfalse_6"]
@@ -121,29 +121,11 @@ def build(variant: str):
     return model, opt, step, (ids, mask, labels)
 
 
-def _rss_mb(field: str) -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
-def _reset_peak_rss() -> str:
-    """Start a fresh peak-RSS window; returns how the peak will be read."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # resets VmHWM to the current RSS (Linux >= 4.0)
-        return "VmHWM"
-    except OSError:
-        return "ru_maxrss"
-
-
 def measure_memory(variant: str) -> dict:
     """Run in a fresh process: one train step (the first, so it also allocates the optimizer state)."""
     model, opt, _, (ids, mask, labels) = build(variant)
-    rss_start = _rss_mb("VmRSS")
-    how = _reset_peak_rss()
+    rss_start = status_kb("VmRSS") / 1024
+    how = reset_peak_rss()
     seen, saved = set(), [0]
 
     def pack(t):
@@ -161,7 +143,7 @@ def measure_memory(variant: str) -> dict:
     opt.step()
     state = sum(t.nbytes for s in opt.state.values() for t in s.values() if isinstance(t, torch.Tensor))
     opt.zero_grad(set_to_none=True)
-    rss_peak = _rss_mb("VmHWM") if how == "VmHWM" else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    rss_peak = status_kb("VmHWM") / 1024 if how == "VmHWM" else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return dict(rss_method=how, saved_mb=saved[0] / 2**20, grads_mb=grads / 2**20, state_mb=state / 2**20,
                 rss_peak_mb=rss_peak, rss_delta_mb=rss_peak - rss_start,
                 trainable_params=sum(p.numel() for p in model.parameters() if p.requires_grad))

