@@ -11,6 +11,7 @@ from . import _ext, distributed
 from .optim import AdamW
 from .forgetting import ForgettingMonitor, continue_pretraining
 from .freezing import FreezePlan, GradualUnfreezing, freeze_layers
+from .generation import generate
 from .heads import ClassificationHead, ClassifierOutput, SequenceClassifier
 from .layers import RequiresGradAttributeError, find_layers
 from .losses import linear_cross_entropy
@@ -50,6 +51,7 @@ __all__ = [
     "few_shot_prompt",
     "find_layers",
     "freeze_layers",
+    "generate",
     "layerwise_lr_groups",
     "linear_cross_entropy",
     "masked_mean_pool",

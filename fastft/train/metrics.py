@@ -8,13 +8,15 @@ from typing import Dict, Sequence
 import numpy as np
 import torch
 
-__all__ = ["CLASSIFICATION_METRICS", "compute_metrics", "check_metric_names", "exact_match", "token_f1", "bleu",
-           "rouge"]
+__all__ = ["CLASSIFICATION_METRICS", "GENERATION_METRICS", "compute_metrics", "check_metric_names",
+           "check_generation_metric_names", "generation_scores", "exact_match", "token_f1", "bleu", "rouge"]
 
 #: Metric names the trainer knows: classification ones read logits and labels; ``perplexity`` is
 #: exp(validation loss) for language modelling.
 CLASSIFICATION_METRICS = ("accuracy", "f1", "f1_macro", "f1_micro", "auc")
 KNOWN = CLASSIFICATION_METRICS + ("perplexity",)
+#: Metrics of generated text against reference text (see :func:`generation_scores`).
+GENERATION_METRICS = ("rouge_l", "rouge1", "rouge2", "bleu", "exact_match", "token_f1")
 
 
 def check_metric_names(names: Sequence, where: str = "fastft.Trainer") -> None:
@@ -122,6 +124,34 @@ def rouge(predictions: Sequence[str], references: Sequence[str]) -> Dict[str, fl
     scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=True)
     scores = [scorer.score(r, p) for p, r in zip(predictions, references)]
     return {k: float(np.mean([s[k].fmeasure for s in scores])) for k in ("rouge1", "rouge2", "rougeL")}
+
+
+def check_generation_metric_names(names: Sequence, where: str = "fastft.Trainer") -> None:
+    """Raise ValueError (naming ``where``) for a generation metric fastft does not know."""
+    for name in names:
+        if name not in GENERATION_METRICS:
+            from difflib import get_close_matches
+
+            hint = get_close_matches(str(name), GENERATION_METRICS, n=1)
+            raise ValueError(f"{where}: unknown generation metric {name!r}; known: {GENERATION_METRICS}"
+                             + (f". Did you mean {hint[0]!r}?" if hint else ""))
+
+
+def generation_scores(names: Sequence[str], predictions: Sequence[str], references: Sequence[str]) -> Dict[str, float]:
+    """The generation metrics ``names`` (of :data:`GENERATION_METRICS`) of ``predictions`` against
+    ``references``: ``rouge_l`` / ``rouge1`` / ``rouge2`` (mean F-measure in [0, 1], rouge-score with
+    stemming), ``bleu`` (corpus BLEU 0-100, sacrebleu), ``exact_match`` and ``token_f1`` (SQuAD
+    normalisation, in [0, 1]). Surrounding whitespace of the predictions is ignored."""
+    predictions = [p.strip() for p in predictions]
+    out: Dict[str, float] = {}
+    if any(n.startswith("rouge") for n in names):
+        r = rouge(predictions, references)
+        scores = {"rouge_l": r["rougeL"], "rouge1": r["rouge1"], "rouge2": r["rouge2"]}
+        out.update({n: scores[n] for n in names if n in scores})
+    for name, fn in (("bleu", bleu), ("exact_match", exact_match), ("token_f1", token_f1)):
+        if name in names:
+            out[name] = fn(predictions, references)
+    return {n: out[n] for n in names}
 
 
 def _same_length(predictions: Sequence[str], references: Sequence[str]) -> None:
