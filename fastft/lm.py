@@ -17,7 +17,9 @@ __all__ = ["lm_kind", "mask_tokens", "pack_blocks", "lm_examples", "right_pad", 
 def lm_kind(model: nn.Module) -> Optional[str]:
     """``"causal"`` for a causal LM (``*ForCausalLM``, ``*LMHeadModel``), ``"masked"`` for a masked LM
     (``*ForMaskedLM``, ``*ForPreTraining``), None otherwise (judged by the class name, as the
-    Hugging Face Auto classes name them)."""
+    Hugging Face Auto classes name them); a ``peft`` model is judged by its base model."""
+    if hasattr(model, "peft_config") and hasattr(model, "get_base_model"):
+        model = model.get_base_model()
     name = type(model).__name__
     if name.endswith("ForCausalLM") or name.endswith("LMHeadModel"):
         return "causal"
@@ -149,6 +151,10 @@ def fused_lm_parts(lm: nn.Module) -> Optional[Tuple[nn.Module, nn.Linear]]:
     ``base_model_prefix`` / ``get_output_embeddings``)."""
     if lm_kind(lm) != "causal":
         return None
+    if hasattr(lm, "peft_config") and hasattr(lm, "get_base_model"):
+        lm = lm.get_base_model()  # peft injects its adapters into the base model's own modules
+        if lm_kind(lm) != "causal":
+            return None
     config = getattr(lm, "config", None)
     if any(getattr(config, name, None) not in (None, 1, 1.0) for name in _NONLINEAR_HEAD):
         return None

@@ -69,6 +69,7 @@ def tiny_llama(vocab_size, seed=0):
 def tiny_gpt2_for(vocab_size, seed=0):
     torch.manual_seed(seed)
     cfg = transformers.GPT2Config(vocab_size=vocab_size, n_embd=16, n_layer=2, n_head=2, n_positions=256,
+                                  bos_token_id=0, eos_token_id=2,
                                   resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
     return transformers.GPT2LMHeadModel(cfg)
 

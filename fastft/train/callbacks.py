@@ -89,7 +89,7 @@ class EarlyStopping(Callback):
         if math.isfinite(value) and self.improved(value):
             self.best, self.best_epoch, self.best_step, self.wait = value, metrics.get("epoch"), metrics.get("step"), 0
             if self.restore_best:
-                self.best_weights = {k: v.detach().to("cpu", copy=True) for k, v in trainer.model.state_dict().items()}
+                self.best_weights = trainer.weights_snapshot()
         else:
             self.wait += 1
             if self.wait >= self.patience:
@@ -98,7 +98,7 @@ class EarlyStopping(Callback):
 
     def on_fit_end(self, trainer) -> None:
         if self.restore_best and self.best_weights is not None:
-            trainer.model.load_state_dict(self.best_weights)
+            trainer.model.load_state_dict(self.best_weights, strict=False)  # a snapshot of what trains
 
     def state_dict(self) -> Dict[str, Any]:
         return dict(best=self.best, best_epoch=self.best_epoch, best_step=self.best_step, wait=self.wait,

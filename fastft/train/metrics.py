@@ -132,7 +132,9 @@ def check_generation_metric_names(names: Sequence, where: str = "fastft.Trainer"
         if name not in GENERATION_METRICS:
             from difflib import get_close_matches
 
-            hint = get_close_matches(str(name), GENERATION_METRICS, n=1)
+            plain = {m.replace("_", ""): m for m in GENERATION_METRICS}
+            key = str(name).lower().replace("_", "").replace("-", "")
+            hint = [plain[key]] if key in plain else get_close_matches(str(name), GENERATION_METRICS, n=1)
             raise ValueError(f"{where}: unknown generation metric {name!r}; known: {GENERATION_METRICS}"
                              + (f". Did you mean {hint[0]!r}?" if hint else ""))
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import os
 import signal
 import sys
 import threading
@@ -97,8 +98,15 @@ class RunDir:
 
     # --- the final model --------------------------------------------------------------------------
 
+    def write_jsonl(self, name: str, rows: List[Dict[str, Any]]) -> Path:
+        """``<run>/<name>``: ``rows`` as JSON lines, replacing the file atomically."""
+        target = self.path / name
+        text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+        atomic_write(target, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+        return target
+
     def save_model(self, model: nn.Module, name: str = "model", tokenizer: Any = None,
-                   label_names: Any = None) -> Path:
+                   label_names: Any = None, merged: bool = False) -> Path:
         """``<run>/<name>/``, complete or absent (built under ``.<name>.tmp``, which an error removes):
 
         - a fastft model (:class:`fastft.SequenceClassifier`, :class:`fastft.MultiTaskModel`): its
@@ -108,6 +116,10 @@ class RunDir:
         - a transformers model: ``save_pretrained`` (a model loaded from GGUF is saved dequantised,
           see :func:`fastft.heads.save_transformers_model`) with the label names in its config
           (``id2label`` / ``label2id``) and the tokenizer: its Auto classes load it;
+        - a ``peft`` model (LoRA): the adapter folder (``PeftModel.save_pretrained``: adapter config and
+          weights; ``PeftModel.from_pretrained(base_model, folder)`` loads it) with the tokenizer, and
+          with ``merged=True`` also ``merged/``: the base model with the adapter merged in (built on a
+          copy; the trained model is left as it was), loadable by transformers alone;
         - any other module: ``model.safetensors`` and the tokenizer.
 
         Args:
@@ -122,7 +134,16 @@ class RunDir:
         target = self.path / name
         with atomic_dir(target) as tmp:
             save = getattr(model, "save_pretrained", None)
-            if save is not None and {"tokenizer", "id2label"} <= _named_parameters(save):  # fastft's own models
+            if hasattr(model, "peft_config") and hasattr(model, "get_base_model"):
+                model.save_pretrained(str(tmp))
+                save_tokenizer(tokenizer, tmp, where)
+                if merged:
+                    import copy
+
+                    full = copy.deepcopy(model).merge_and_unload()
+                    save_transformers_model(full, tmp / "merged")
+                    save_tokenizer(tokenizer, tmp / "merged", where)
+            elif save is not None and {"tokenizer", "id2label"} <= _named_parameters(save):  # fastft's own models
                 save(tmp, tokenizer=tokenizer, id2label=label_names)
             else:
                 if save is not None:

@@ -25,7 +25,8 @@ from ..param_groups import param_groups
 from .callbacks import EarlyStopping
 from .data import (Collator, LabelNames, batch_order, example_length, has_token_labels, loss_terms, prepare_examples,
                    position_limit, text_limit, to_device, without_labels)
-from .metrics import check_metric_names, compute_metrics
+from .generative import GenerativeData, generative_examples, generative_format, render_chat_prompt
+from .metrics import (check_generation_metric_names, check_metric_names, compute_metrics, generation_scores)
 from .replay import step_scales
 from .run_dir import RunDir, StopSignals
 
@@ -134,6 +135,45 @@ def _num_labels_of(model: nn.Module) -> Optional[int]:
     return n if isinstance(n, int) else None
 
 
+def _is_peft(model: nn.Module) -> bool:
+    """Whether ``model`` is a ``peft`` model (a ``PeftModel``: LoRA and the other adapters)."""
+    return hasattr(model, "peft_config") and hasattr(model, "get_base_model")
+
+
+def _peft_new_modules(model: nn.Module) -> List[nn.Module]:
+    """The modules a peft adapter added (LoRA's ``lora_A`` / ``lora_B`` / ``lora_embedding_*``, and
+    the like): fresh parameters, never anchored by L2-to-init."""
+    return [m for name, m in model.named_modules() if name.rsplit(".", 1)[-1].startswith(("lora_", "ia3_", "vera_"))]
+
+
+def _check_generation_kwargs(kwargs: Dict[str, Any], where: str) -> Dict[str, Any]:
+    """``generation_kwargs`` checked against :func:`fastft.generate`'s signature: an unknown key is an
+    error (with a "did you mean"), unless it is one of ``model.generate``'s own (passed through)."""
+    from ..generation import generate
+
+    own = set(inspect.signature(generate).parameters) - {"model", "tokenizer", "prompts", "generate_kwargs"}
+    for key in kwargs:
+        if key in ("model", "tokenizer", "prompts"):
+            raise ValueError(f"{where}: generation_kwargs may not set {key!r}; the trainer passes its own")
+    if kwargs.get("num_return_sequences", 1) != 1:
+        raise ValueError(f"{where}: generation_kwargs num_return_sequences must be 1 for validation (one "
+                         "completion per prompt is scored)")
+    unknown = [k for k in kwargs if k not in own]
+    if unknown:
+        from transformers import GenerationConfig
+
+        known_hf = set(GenerationConfig().to_dict())
+        bad = [k for k in unknown if k not in known_hf]
+        if bad:
+            from difflib import get_close_matches
+
+            hint = get_close_matches(bad[0], sorted(own), n=1)
+            raise ValueError(f"{where}: generation_kwargs has the unknown key {bad[0]!r}; fastft.generate takes "
+                             f"{sorted(own)} and transformers' GenerationConfig fields"
+                             + (f". Did you mean {hint[0]!r}?" if hint else ""))
+    return dict(kwargs)
+
+
 def _forward_takes_labels(model: nn.Module) -> bool:
     try:
         params = inspect.signature(model.forward).parameters
@@ -234,6 +274,31 @@ class Trainer:
             loss to fp32 tolerance. Models whose head is not a plain linear map (soft-capping, logit
             scaling; see :func:`fastft.lm.fused_lm_parts`) and runs under torchrun (where the forward
             must go through DDP) take the model's own loss. Default True.
+        generation_metrics: metrics of generated text (``"rouge_l"``, ``"rouge1"``, ``"rouge2"``,
+            ``"bleu"``, ``"exact_match"``, ``"token_f1"``; see
+            :func:`fastft.train.metrics.generation_scores`) computed at each evaluation on the
+            completions the model generates for the validation prompts (``val_data`` of
+            prompt/completion or chat examples), as ``val_<metric>``; the predictions go to
+            ``val_predictions.jsonl`` (prompt, reference, prediction) in the run folder. Needs
+            ``tokenizer``. Default: none (no generation).
+        generation_kwargs: keyword arguments of :func:`fastft.generate` for that generation (e.g.
+            ``{"max_new_tokens": 32}``; greedy unless ``do_sample=True``, seeded by ``seed``) and of
+            :meth:`generate`. Default ``{}``.
+        save_merged: for a ``peft`` (LoRA) model, also save the base model with the adapter merged
+            into it, in ``model/merged/`` (loadable with transformers alone). Default False.
+
+    Generative data (with ``tokenizer`` and a causal LM): ``{"prompt": str, "completion": str}``
+    examples train on the completion (and the tokenizer's EOS) only; ``{"messages": [{"role",
+    "content"}, ...]}`` examples are rendered with the tokenizer's chat template and train on the
+    assistant turns only (:mod:`fastft.train.generative`). Perplexity (the default metric) is then
+    that of the completions.
+
+    LoRA and other ``peft`` adapters: pass the ``PeftModel`` (``peft.get_peft_model(model, config)``)
+    as the model. Only its trainable parameters get optimizer state; the adapter's matrices are new
+    parameters, so ``l2_init`` does not anchor them (it anchors only trainable pretrained
+    parameters, e.g. ``modules_to_save``; the frozen base weights never move anyway). Early
+    stopping snapshots only the trainable parameters. The final ``model/`` is the adapter folder
+    (``PeftModel.from_pretrained(base, folder)``), plus ``model/merged/`` with ``save_merged``.
     Raises:
         TypeError: ``model`` is not an ``nn.Module``, or data of a form the trainer does not read.
         ValueError: an argument out of range or of the wrong kind (the message names it), empty data,
@@ -257,7 +322,8 @@ class Trainer:
                  skip_nonfinite: bool = False, checkpoint_every: Optional[int] = None, progress: bool = True,
                  device: Optional[str] = None, replay: Any = None, find_unused_parameters: bool = True,
                  new_modules: Sequence[Any] = (), labels: Optional[Sequence[Any]] = None,
-                 fused_lm_loss: bool = True) -> None:
+                 fused_lm_loss: bool = True, generation_metrics: Sequence[str] = (),
+                 generation_kwargs: Optional[Dict[str, Any]] = None, save_merged: bool = False) -> None:
         where = self.where
         if not isinstance(model, nn.Module):
             raise TypeError(f"{where}: model must be an nn.Module, got {type(model).__name__}")
@@ -283,6 +349,22 @@ class Trainer:
             raise ValueError(f"{where}: warmup_ratio must be a number in [0, 1), got {warmup_ratio!r}")
         metrics = (metrics,) if isinstance(metrics, str) else (None if metrics is None else tuple(metrics))
         check_metric_names(metrics or (), where)
+        generation_metrics = (generation_metrics,) if isinstance(generation_metrics, str) else \
+            tuple(generation_metrics or ())
+        check_generation_metric_names(generation_metrics, where)
+        if generation_metrics and tokenizer is None:
+            raise ValueError(f"{where}: generation_metrics={list(generation_metrics)} score generated text, which "
+                             "needs the tokenizer: pass tokenizer=...")
+        if generation_kwargs is not None and not isinstance(generation_kwargs, dict):
+            raise ValueError(f"{where}: generation_kwargs must be a dict of fastft.generate's keyword arguments "
+                             f"(e.g. {{'max_new_tokens': 32}}), got {type(generation_kwargs).__name__}")
+        #: Validation by generation: metric names and the keyword arguments of :func:`fastft.generate`.
+        self.generation_metrics = generation_metrics
+        self.generation_kwargs = _check_generation_kwargs(generation_kwargs or {}, where)
+        self.save_merged = bool(save_merged)
+        if save_merged and not _is_peft(model):
+            raise ValueError(f"{where}: save_merged=True merges a LoRA adapter into its base model, but the model "
+                             f"is not a peft model ({type(model).__name__}); leave save_merged out")
 
         self.distributed = D.init_distributed()
         self.rank, self.world_size = D.get_rank(), D.get_world_size()
@@ -316,6 +398,9 @@ class Trainer:
         self.collate = Collator(pad_token_id=pad_id_of(tokenizer))
 
         self._setup_data(train_data, val_data)
+        if generation_metrics and self.val_generation is None:
+            raise ValueError(f"{where}: generation_metrics score the completions of the validation prompts; give "
+                             "val_data of {'prompt', 'completion'} or {'messages'} examples")
         self._check_monitor()
         # Terms of the model's own mean loss per example (target tokens for token-level labels): the
         # weights that make a step's loss the same however its batch is split (see _micro_loss).
@@ -341,6 +426,8 @@ class Trainer:
         if replay is not None:
             replay.bind(self.model, tokenizer)
             replay.lm.to(self.device)  # an LM sharing the encoder brings its own head
+        if _is_peft(self.model):  # LoRA's matrices are new parameters: nothing pretrained to anchor them to
+            new_modules = list(new_modules) + _peft_new_modules(self.model)
         groups = param_groups(self.model, weight_decay, lr=lr, layerwise_lr_decay=layerwise_lr_decay,
                               new_modules=new_modules)
         if l2_init and not any(g.get("l2_init") == 0.0 for g in groups) and type(self.model).__name__.endswith(
@@ -401,7 +488,10 @@ class Trainer:
                                  "agree (e.g. SequenceClassifier(encoder, num_labels=len(labels)))")
         self.train_examples = self.label_map.encode(self.train_examples, "train_data", self.where)
         self.val_examples = None
+        #: The validation prompts and references of generative val_data (else None).
+        self.val_generation: Optional[GenerativeData] = None
         if val_data is not None:
+            self.val_generation = self._generative(val_data, "val_data")
             self.val_examples = self.label_map.encode(self._examples(val_data, "val_data"), "val_data", self.where)
         self._check_labels(self.train_examples, "train_data", self.num_labels)
         if self.val_examples is not None:
@@ -409,8 +499,36 @@ class Trainer:
         self.metrics = _settle_metrics(self.metrics, has_token_labels(self.train_examples), self.where)
 
     def _examples(self, data: Any, what: str, where: Optional[str] = None, unlabelled: bool = False) -> List[Any]:
-        """``data`` as examples, texts tokenized like the training data (see :attr:`text_max_length`)."""
+        """``data`` as examples, texts tokenized like the training data (see :attr:`text_max_length`);
+        prompt/completion and chat examples as causal-LM token examples (:mod:`fastft.train.generative`)."""
+        generative = self._generative(data, what, where)
+        if generative is not None:
+            return generative.examples
         return prepare_examples(data, self.tokenizer, self.text_max_length, what, where or self.where, unlabelled)
+
+    def _generative(self, data: Any, what: str, where: Optional[str] = None) -> Optional[GenerativeData]:
+        """Prompt/completion or chat examples tokenized for the causal LM (None for other data).
+
+        Raises:
+            ValueError: such examples without a tokenizer or for a model that is not a causal LM."""
+        where = where or self.where
+        try:
+            first = data[0] if len(data) else None
+        except (TypeError, KeyError, IndexError):
+            return None
+        kind = generative_format(first)
+        if kind is None:
+            return None
+        form = "prompt/completion" if kind == "prompt_completion" else "chat ('messages')"
+        if self.tokenizer is None:
+            raise ValueError(f"{where}: {what} holds {form} examples; pass tokenizer=... (the model's) to tokenize "
+                             "them")
+        if lm_kind(self.model) != "causal":
+            raise ValueError(f"{where}: {what} holds {form} examples, which teach a causal LM to generate, but the "
+                             f"model is a {type(self.model).__name__}; load it with "
+                             "transformers.AutoModelForCausalLM (or give (text, label) pairs for a classifier)")
+        return generative_examples([data[i] for i in range(len(data))], self.tokenizer, self.text_max_length, what,
+                                   where)
 
     @property
     def label_names(self) -> Optional[List[Any]]:
@@ -432,7 +550,7 @@ class Trainer:
             return None
         keys = {"epoch", "step", "train_loss", "lr"}
         if self._has_validation():
-            keys |= {"val_loss"} | {f"val_{m}" for m in self.metrics}
+            keys |= {"val_loss"} | {f"val_{m}" for m in self.metrics} | {f"val_{m}" for m in self.generation_metrics}
         return keys
 
     def _check_monitor(self) -> None:
@@ -481,8 +599,17 @@ class Trainer:
         return self.val_examples is not None
 
     def _validate(self) -> Dict[str, float]:
-        """The validation numbers of one evaluation (keys without the ``val_`` prefix)."""
-        return self.evaluate()
+        """The validation numbers of one evaluation (keys without the ``val_`` prefix). With
+        ``generation_metrics`` also those of the completions generated for the validation prompts,
+        which go to ``val_predictions.jsonl`` in the run folder (the latest evaluation's)."""
+        result = self.evaluate()
+        if self.generation_metrics and self.val_generation is not None:
+            scores, rows = self._generation_scores(self.val_generation)
+            result.update(scores)
+            if self.run_dir and D.is_main_process():
+                self.run_dir.write_jsonl("val_predictions.jsonl",
+                                         [{"step": self.global_step, **row} for row in rows])
+        return result
 
     def _extra_state(self) -> Dict[str, Any]:
         """JSON-able state of a specialisation, saved in checkpoints."""
@@ -490,6 +617,19 @@ class Trainer:
 
     def _load_extra_state(self, state: Dict[str, Any]) -> None:
         pass
+
+    def weights_snapshot(self) -> Dict[str, Tensor]:
+        """CPU copies of the model's state that training can change (what early stopping keeps): the
+        trainable parameters and the buffers — for a LoRA model only the adapter — or the whole
+        state when a callback may unfreeze parameters later (:class:`fastft.GradualUnfreezing`).
+        Restore it with ``model.load_state_dict(snapshot, strict=False)``."""
+        from ..freezing import GradualUnfreezing
+
+        state = self.model.state_dict()
+        if not any(isinstance(cb, GradualUnfreezing) for cb in self.callbacks):
+            frozen = {n for n, p in self.model.named_parameters(remove_duplicate=False) if not p.requires_grad}
+            state = {k: v for k, v in state.items() if k not in frozen}
+        return {k: v.detach().to("cpu", copy=True) for k, v in state.items()}
 
     # --- set-up helpers ---------------------------------------------------------------------------
 
@@ -599,11 +739,60 @@ class Trainer:
         if data is None:
             examples = self.val_examples
         else:
-            examples = self.label_map.encode(self._examples(data, "data", f"{self.where}.evaluate"), "data",
-                                             f"{self.where}.evaluate")
+            where = f"{self.where}.evaluate"
+            generative = self._generative(data, "data", where)
+            examples = generative.examples if generative is not None else \
+                self.label_map.encode(self._examples(data, "data", where), "data", where)
         if examples is None:
             raise ValueError(f"{self.where}.evaluate: no data given and no val_data")
-        return self._evaluate_examples(examples, self._forward, self.metrics)
+        result = self._evaluate_examples(examples, self._forward, self.metrics)
+        if data is not None and generative is not None and self.generation_metrics:
+            result.update(self._generation_scores(generative)[0])
+        return result
+
+    def _generation_scores(self, data: GenerativeData) -> Tuple[Dict[str, float], List[Dict[str, str]]]:
+        """The generation metrics of the completions generated for ``data``'s prompts, and per example
+        ``{"prompt", "reference", "prediction"}``. Under torchrun each rank generates every N-th
+        completion and every rank scores them all."""
+        from ..generation import generate
+
+        order = list(range(len(data.prompts)))[self.rank::self.world_size]
+        kwargs = {"batch_size": self.eval_batch_size, **self.generation_kwargs}
+        mine = generate(self.model, self.tokenizer, [data.prompts[i] for i in order], **kwargs) if order else []
+        predictions: List[Any] = [None] * len(data.prompts)
+        for part_order, part in zip([list(range(len(data.prompts)))[r::self.world_size]
+                                     for r in range(self.world_size)], D.gather_objects(mine)):
+            for i, text in zip(part_order, part):
+                predictions[i] = text
+        predictions = [p[0] if isinstance(p, list) else p for p in predictions]
+        scores = generation_scores(self.generation_metrics, predictions, data.references)
+        rows = [{"prompt": pt, "reference": r, "prediction": p}
+                for pt, r, p in zip(data.prompt_texts, data.references, predictions)]
+        return scores, rows
+
+    def generate(self, prompts: Sequence[Any], **kwargs: Any) -> List[Any]:
+        """Completions of ``prompts`` by the model being trained, with :func:`fastft.generate` and this
+        run's ``generation_kwargs`` (``kwargs`` override them).
+
+        ``prompts``: texts, token-id lists, or conversations (lists of ``{"role", "content"}``
+        messages), which the tokenizer's chat template renders with its generation prompt.
+
+        Raises:
+            ValueError: no tokenizer, or what :func:`fastft.generate` raises.
+        """
+        from ..generation import generate
+
+        if self.tokenizer is None:
+            raise ValueError(f"{self.where}.generate: needs the tokenizer; build the trainer with tokenizer=...")
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        rendered = []
+        for p in prompts:
+            if isinstance(p, (list, tuple)) and p and isinstance(p[0], dict):
+                p = self.tokenizer(render_chat_prompt(self.tokenizer, p), add_special_tokens=False)["input_ids"]
+            rendered.append(p)
+        return generate(self.model, self.tokenizer, rendered,
+                        **{"batch_size": self.eval_batch_size, **self.generation_kwargs, **kwargs})
 
     @torch.no_grad()
     def _predict_examples(self, examples: List[Any], run: Callable[[Any], Any]) -> Tensor:
@@ -915,7 +1104,8 @@ class Trainer:
             if isinstance(names, dict):  # MultiTaskTrainer: names per task
                 names = {task: n for task, n in names.items() if n is not None}
             try:
-                self.run_dir.save_model(self.model, tokenizer=self._tokenizer_to_save(), label_names=names)
+                self.run_dir.save_model(self.model, tokenizer=self._tokenizer_to_save(), label_names=names,
+                                        merged=self.save_merged)
             except Exception as e:  # the run's result is still in its checkpoint: say where
                 error = e
             else:
