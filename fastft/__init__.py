@@ -9,7 +9,7 @@ from importlib.metadata import PackageNotFoundError, version as _pkg_version
 
 from . import _ext, distributed
 from .optim import AdamW
-from .forgetting import ForgettingMonitor, continue_pretraining
+from .forgetting import ForgettingMonitor, continue_pretraining, estimate_fisher, interpolate, wise_ft_sweep
 from .freezing import FreezePlan, GradualUnfreezing, freeze_layers
 from .generation import generate
 from .heads import ClassificationHead, ClassifierOutput, SequenceClassifier
@@ -47,15 +47,18 @@ __all__ = [
     "Trainer",
     "build_info",
     "continue_pretraining",
+    "estimate_fisher",
     "evaluate_prompting",
     "few_shot_prompt",
     "find_layers",
     "freeze_layers",
     "generate",
+    "interpolate",
     "layerwise_lr_groups",
     "linear_cross_entropy",
     "masked_mean_pool",
     "pool",
+    "wise_ft_sweep",
     "__version__",
 ]
 

@@ -29,6 +29,7 @@ def adamw_l2init_(
     max_exp_avg_sqs: Sequence[Tensor],
     state_steps: Sequence[Tensor],
     anchors: Sequence[Tensor],
+    importances: Sequence[Tensor] = (),
     *,
     lr: float,
     beta1: float,
@@ -43,17 +44,20 @@ def adamw_l2init_(
     found_inf: Optional[Tensor] = None,
     clip_coef: Optional[Tensor] = None,
 ) -> None:
-    """One AdamW step with L2-to-init, in place, on every tensor of the lists.
+    """One AdamW step with L2-to-init (EWC when ``importances`` are given), in place, on every tensor
+    of the lists.
 
-    For each parameter ``p`` with gradient ``g`` and anchor ``p0`` (math in float32, float64 for
-    float64 tensors):
+    For each parameter ``p`` with gradient ``g``, anchor ``p0`` and importance ``F`` (``F = 1`` when
+    ``importances`` is empty; math in float32, float64 for float64 tensors), with the pull
+    ``w = F * (p - p0)``:
 
     * ``g <- g / grad_scale``, written back to the gradient when ``grad_scale`` is given;
-    * ``g <- g * clip_coef``, negated when ``maximize``; coupled mode adds ``2 * l2_init * (p - p0)``;
+    * ``g <- g * clip_coef``, negated when ``maximize``; coupled mode adds ``2 * l2_init * w``;
     * ``step += 1``; ``m <- b1 m + (1 - b1) g``; ``v <- b2 v + (1 - b2) g^2`` (``vmax <- max(vmax, v)``
       with amsgrad, used in place of ``v``);
-    * ``p <- p (1 - lr wd) - lr l2_init (p - p0) [decoupled mode only] - lr/(1 - b1^t) m / (sqrt(v)/sqrt(1 - b2^t) + eps)``.
+    * ``p <- p (1 - lr wd) - lr l2_init w [decoupled mode only] - lr/(1 - b1^t) m / (sqrt(v)/sqrt(1 - b2^t) + eps)``.
 
+    ``importances`` is empty or holds one tensor per parameter, shaped like it (any float dtype).
     Nothing changes, steps included, when ``found_inf`` is nonzero.
     """
     if found_inf is not None and float(found_inf) != 0.0:
@@ -73,6 +77,8 @@ def adamw_l2init_(
         g = g * grad_mul
         param = p.to(dt)
         drift = param - anchors[i].to(dt) if use_anchor else torch.zeros_like(param)
+        if use_anchor and len(importances):
+            drift = importances[i].to(dt) * drift
         if coupled:
             g = g + 2.0 * l2_init * drift
         m = exp_avgs[i].to(dt)

@@ -1,4 +1,6 @@
-"""Forgetting: measure it (``ForgettingMonitor``) and adapt to a domain first (``continue_pretraining``).
+"""Forgetting: measure it (``ForgettingMonitor``), adapt to a domain first (``continue_pretraining``),
+weigh what the pretrained weights know (``estimate_fisher``, for EWC in :class:`fastft.AdamW`) and
+trade task skill against it after training (``interpolate`` / ``wise_ft_sweep``: WiSE-FT).
 
 What limits it lives where it acts: replay in :mod:`fastft.train.replay`, L2-to-init in
 :class:`fastft.AdamW` (which parameters are anchored: :mod:`fastft.param_groups`), freezing in
@@ -10,7 +12,7 @@ from __future__ import annotations
 import copy
 import math
 import warnings
-from typing import Any, Dict, List, Optional, Set
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Set, Tuple, Union
 
 import torch
 from torch import Tensor, nn
@@ -25,8 +27,8 @@ from .train import Trainer
 from .train.callbacks import Callback
 from .train.replay import Replay
 
-__all__ = ["ForgettingMonitor", "Replay", "continue_pretraining", "pack_blocks", "mask_tokens", "few_shot_prompt",
-           "evaluate_prompting", "lm_kind"]
+__all__ = ["ForgettingMonitor", "Replay", "continue_pretraining", "estimate_fisher", "interpolate", "wise_ft_sweep",
+           "pack_blocks", "mask_tokens", "few_shot_prompt", "evaluate_prompting", "lm_kind", "FISHER_KINDS"]
 
 
 class ForgettingMonitor(Callback):
@@ -244,3 +246,355 @@ def continue_pretraining(model: nn.Module, domain_text: Any, tokenizer: Any, epo
     trainer = Trainer(model, examples, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed,
                       group_by_length=False, **trainer_kwargs)
     return trainer.fit()
+
+
+# --- EWC's importance: the diagonal Fisher -------------------------------------------------------------
+
+#: What :func:`estimate_fisher` can estimate: the empirical Fisher (observed targets) or the true
+#: Fisher (targets sampled from the model).
+FISHER_KINDS = ("empirical", "true")
+
+
+def _check_count(name: str, value: Any, low: int, optional: bool = False) -> None:
+    if optional and value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"fastft.estimate_fisher: {name} must be {'None or ' if optional else ''}an int >= {low}, "
+                         f"got {value!r}")
+
+
+def _wide(t: Tensor) -> Tensor:
+    """``t`` in float32, or float64 when it is float64."""
+    return t if t.dtype == torch.float64 else t.float()
+
+
+def _sampled_loss(logits: Tensor, keep: Tensor, generator: torch.Generator) -> Tensor:
+    """Mean negative log-likelihood of targets drawn from ``softmax(logits)`` at the rows ``keep`` of
+    ``logits`` ``[..., C]``: one Monte-Carlo sample of the true Fisher's targets per row."""
+    rows = _wide(logits[keep])
+    with torch.no_grad():
+        drawn = torch.multinomial(torch.softmax(rows, dim=-1), 1, generator=generator)[:, 0]
+    return nn.functional.cross_entropy(rows, drawn)
+
+
+def _lm_batches(model: nn.Module, data: Any, tokenizer: Any, kind: str, max_length: int, batch_size: int,
+                seed: int, device: torch.device) -> Iterator[Dict[str, Tensor]]:
+    items = list(data)
+    if items and isinstance(items[0], dict):
+        examples = [{"input_ids": list(e["input_ids"]), "labels": list(e.get("labels", e["input_ids"]))} for e in items]
+        pad = pad_id_of(tokenizer)
+    else:
+        texts = read_texts(items, "estimate_fisher")
+        check_tokenizer(tokenizer, model, "estimate_fisher")
+        examples = lm_examples(texts, tokenizer, kind, max_length, seed=seed, pack=False)
+        pad = pad_id_of(tokenizer)
+    if not examples:
+        raise ValueError("fastft.estimate_fisher: no text has a token to predict (all too short)")
+    for i in range(0, len(examples), batch_size):
+        yield pad_lm_batch(examples[i:i + batch_size], pad, device)
+
+
+def _lm_loss_of(model: nn.Module, kind: str, fisher: str, generator: torch.Generator) -> Callable[[Any], Tensor]:
+    def loss(batch: Dict[str, Tensor]) -> Tensor:
+        if fisher == "empirical":
+            return _wide(lm_loss(model, batch))
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        labels = batch["labels"]
+        if kind == "causal":  # the logits at t predict token t + 1, as the model's own loss shifts them
+            logits, labels = logits[:, :-1], labels[:, 1:]
+        return _sampled_loss(logits, labels != -100, generator)
+    return loss
+
+
+def _task_batches(data: Any, tokenizer: Any, max_length: Optional[int], batch_size: int,
+                  device: torch.device) -> Iterator[Any]:
+    from .train.data import Collator, prepare_examples, to_device
+
+    examples = prepare_examples(data, tokenizer, max_length, "data", "fastft.estimate_fisher")
+    for i, e in enumerate(examples):
+        y = e.get("labels") if isinstance(e, dict) else e[1]
+        if y is None or isinstance(y, str):
+            raise ValueError(f"fastft.estimate_fisher: data[{i}] has the label {y!r}; the task loss of a classifier "
+                             "needs class ids (ints) or float targets, as the model was trained on")
+    collate = Collator(pad_token_id=pad_id_of(tokenizer))
+    for i in range(0, len(examples), batch_size):
+        yield to_device(collate(examples[i:i + batch_size]), device)
+
+
+def _task_loss_of(model: nn.Module, fisher: str, generator: torch.Generator) -> Callable[[Any], Tensor]:
+    from .train.trainer import model_output_field
+
+    def loss(batch: Any) -> Tensor:
+        if isinstance(batch, dict):
+            labels = batch["labels"]
+            out = model(**{k: v for k, v in batch.items() if k != "labels"})
+        else:
+            x, labels = batch
+            out = model(x)
+        logits = model_output_field(out, "logits")
+        if logits is None:
+            raise TypeError(f"fastft.estimate_fisher: {type(model).__name__}'s output has no logits "
+                            f"({type(out).__name__}); a classifier must return them")
+        regression = labels.dtype.is_floating_point or logits.shape[-1] == 1
+        if fisher == "true":
+            if regression:
+                raise ValueError("fastft.estimate_fisher: fisher='true' needs a classifier's class distribution; a "
+                                 "regression model (float targets, one output) has none: use fisher='empirical'")
+            return _sampled_loss(logits, torch.ones(logits.shape[:-1], dtype=torch.bool, device=logits.device),
+                                 generator)
+        if regression:
+            return nn.functional.mse_loss(_wide(logits).squeeze(-1), labels.to(_wide(logits).dtype))
+        return nn.functional.cross_entropy(_wide(logits), labels)
+    return loss
+
+
+def normalise_importance(importance: Mapping[str, Tensor], where: str = "fastft.normalise_importance"
+                         ) -> Dict[str, Tensor]:
+    """``importance`` divided by the mean of all its entries (over every tensor together), so that the
+    mean is 1 and λ of L2-to-init means the same with and without it.
+
+    Raises:
+        ValueError: every entry is 0 (or some are not finite): there is nothing to weigh by.
+    """
+    total = sum(float(f.double().sum()) for f in importance.values())
+    count = sum(f.numel() for f in importance.values())
+    mean = total / max(count, 1)
+    if not (math.isfinite(mean) and mean > 0):
+        raise ValueError(f"{where}: the importances sum to {total} over {count} entries; they must be finite with "
+                         "some entry > 0 (all gradients were zero: is the data's loss independent of the parameters?)")
+    return {name: f / mean for name, f in importance.items()}
+
+
+def estimate_fisher(model: nn.Module, data: Any, tokenizer: Any = None, *, batches: Optional[int] = None,
+                    batch_size: int = 1, max_length: Optional[int] = 128, fisher: str = "empirical",
+                    seed: int = 0) -> Dict[str, Tensor]:
+    r"""The diagonal Fisher information of ``model``'s parameters on ``data``: EWC's importance.
+
+    Returns, for every parameter that requires a gradient, the mean over batches of its squared
+    gradient, normalised so that the mean of all entries (of all parameters together) is 1: plugged
+    into :meth:`fastft.AdamW.set_importance` (or ``fastft.Trainer(l2_init_importance=...)``) the
+    pull ``λ F ⊙ (p − p0)`` then has the same overall strength as plain L2-to-init with the same λ,
+    redistributed toward the entries the model's predictions depend on (Kirkpatrick et al., 2017,
+    "Overcoming catastrophic forgetting in neural networks", PNAS: elastic weight consolidation).
+
+    Which Fisher (Kunstner, Balles & Hennig, 2019, "Limitations of the empirical Fisher approximation
+    for natural gradient descent", NeurIPS):
+
+    * ``fisher="empirical"`` (default, what this function is specified to compute): the gradients of
+      the loss at the *observed* targets — the text's own next tokens (masked tokens for a masked
+      LM) or the given labels: :math:`\hat F = rac1N \sum_n (
+abla_	heta \ell(x_n, y_n))^2`.
+      It is the quantity most EWC implementations compute, but it is not the Fisher: Kunstner et al.
+      show it can differ from it markedly (it equals it only where the model's distribution is the
+      data's), so read it as "how much the loss on this text depends on each weight".
+    * ``fisher="true"``: targets *sampled from the model's own predictive distribution* at every
+      target position (one seeded Monte-Carlo sample each), so that in expectation
+      :math:`F = \mathbb E_x \mathbb E_{y \sim p_	heta(\cdot|x)} [(
+abla_	heta \log p_	heta(y|x))^2]`,
+      the Fisher information Kirkpatrick et al. define EWC with. Needs logits (the model's own forward,
+      no fused loss) and a class distribution (not for regression).
+
+    Granularity: each batch contributes the square of the gradient of its mean loss. With
+    ``batch_size=1`` (default) that is one example's gradient — the definition above (per sequence for
+    a language model, whose loss is its token mean). Larger batches are faster but estimate
+    :math:`\mathrm{Var}/B + (	ext{mean gradient})^2` instead, a different shape, not only a scale.
+
+    The model runs in eval mode (no dropout), its ``.grad`` fields are not touched, and its
+    parameters do not change. Frozen parameters (``requires_grad=False``) get no entry.
+
+    Args:
+        model: a causal / masked LM (``*ForCausalLM``, ``*ForMaskedLM``...: its own LM loss) or a
+            classifier returning logits (``[B, C]``; its task loss, cross-entropy, MSE for float
+            targets or one output).
+        data: for an LM, texts (or ``(text, label)`` pairs, labels ignored) or dicts with
+            ``input_ids`` (and ``labels``, default the ids); for a classifier, labelled examples as
+            :class:`fastft.Trainer` takes them (``(text, class_id)`` pairs with a tokenizer, dicts with
+            ``input_ids`` and ``labels``, ``(tensor, label)`` pairs).
+        tokenizer: tokenizes text (a Hugging Face tokenizer); its pad id pads batches.
+        batches: use at most this many batches, in data order (None: all of ``data``).
+        batch_size: examples per gradient (see Granularity). Default 1.
+        max_length: tokens kept per text (truncation). Default 128.
+        fisher: ``"empirical"`` or ``"true"`` (see above).
+        seed: seeds a masked LM's masks and the true Fisher's sampled targets.
+
+    Returns:
+        ``{name: F}`` keyed like ``model.named_parameters()``; each ``F`` has its parameter's shape,
+        device and float32 dtype (float64 for float64 parameters), entries ``>= 0``, mean 1 overall.
+
+    Raises:
+        ValueError: a bad ``batches`` / ``batch_size`` / ``max_length`` / ``fisher``; empty data, text
+            without a tokenizer, classifier data without class ids; no trainable parameter; every
+            gradient zero. TypeError: a model whose output has no loss / logits.
+    """
+    _check_count("batches", batches, 1, optional=True)
+    _check_count("batch_size", batch_size, 1)
+    _check_count("max_length", max_length, 2, optional=True)
+    if fisher not in FISHER_KINDS:
+        raise ValueError(f"fastft.estimate_fisher: fisher must be one of {FISHER_KINDS}, got {fisher!r}")
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"fastft.estimate_fisher: model must be an nn.Module, got {type(model).__name__}")
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if not named:
+        raise ValueError("fastft.estimate_fisher: the model has no parameter that requires a gradient")
+    device = named[0][1].device
+    generator = torch.Generator(device=device).manual_seed(seed)
+    kind = lm_kind(model)
+    if kind is not None:
+        source = _lm_batches(model, data, tokenizer, kind, max_length or 128, batch_size, seed, device)
+        loss_of = _lm_loss_of(model, kind, fisher, generator)
+    else:
+        source = _task_batches(data, tokenizer, max_length, batch_size, device)
+        loss_of = _task_loss_of(model, fisher, generator)
+    first = next(source)  # the data's errors before any gradient
+
+    def all_batches() -> Iterator[Any]:
+        yield first
+        yield from source
+
+    params = [p for _, p in named]
+    sums = [torch.zeros_like(p, dtype=torch.float64 if p.dtype == torch.float64 else torch.float32,
+                             memory_format=torch.contiguous_format) for p in params]
+    was_training = model.training
+    model.eval()
+    count = 0
+    try:
+        with torch.enable_grad():
+            for batch in all_batches():
+                if batches is not None and count >= batches:
+                    break
+                loss = loss_of(batch)
+                if not torch.isfinite(loss):
+                    raise ValueError(f"fastft.estimate_fisher: the loss of batch {count} is {float(loss)}; the "
+                                     "Fisher needs finite losses")
+                grads = torch.autograd.grad(loss, params, allow_unused=True)
+                with torch.no_grad():
+                    for acc, g in zip(sums, grads):
+                        if g is not None:
+                            g = g.detach().to(acc.dtype)
+                            acc.addcmul_(g, g)
+                count += 1
+    finally:
+        model.train(was_training)
+    return normalise_importance({n: acc / count for (n, _), acc in zip(named, sums)}, "fastft.estimate_fisher")
+
+
+# --- WiSE-FT: interpolating fine-tuned and pretrained weights ------------------------------------------
+
+
+def _anchor_pairs(model: nn.Module, anchors: Any, where: str) -> List[Tuple[str, Tensor, Tensor]]:
+    """(name, parameter, its pretrained value) for every parameter of ``model`` that ``anchors`` holds;
+    every check before anything changes."""
+    from .optim import AdamW
+
+    named = list(model.named_parameters())
+    if isinstance(anchors, AdamW):
+        pairs = [(n, p, anchors.state[p]["anchor"]) for n, p in named
+                 if p in anchors.state and "anchor" in anchors.state[p]]
+        if not pairs:
+            raise ValueError(f"{where}: the optimizer holds no anchor of this model's parameters (it takes them at a "
+                             "parameter's first step, and only with l2_init > 0); pass the pretrained state dict "
+                             "instead ({n: p.detach().clone() for n, p in model.named_parameters()} before training)")
+    elif isinstance(anchors, Mapping):
+        pairs = [(n, p, anchors[n]) for n, p in named if n in anchors]
+        if not pairs:
+            some = ", ".join(list(map(str, anchors))[:3])
+            raise ValueError(f"{where}: none of the state dict's keys ({some}, ...) names a parameter of "
+                             f"{type(model).__name__} (e.g. {named[0][0] if named else '-'}); key it like "
+                             "model.named_parameters()")
+    else:
+        raise TypeError(f"{where}: anchors must be a fastft.AdamW holding anchors or a pretrained state dict "
+                        f"(name -> tensor), got {type(anchors).__name__}")
+    for n, p, a in pairs:
+        if not isinstance(a, Tensor) or tuple(a.shape) != tuple(p.shape):
+            got = f"shape {tuple(a.shape)}" if isinstance(a, Tensor) else type(a).__name__
+            raise ValueError(f"{where}: the anchor of {n} has {got}, the parameter shape {tuple(p.shape)}")
+        if not a.is_floating_point():
+            raise ValueError(f"{where}: the anchor of {n} has dtype {a.dtype}; anchors must be float tensors")
+    return pairs
+
+
+def _check_alpha(alpha: Any, where: str) -> float:
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
+        raise ValueError(f"{where}: alpha must be a finite number (1 = the fine-tuned weights, 0 = the pretrained "
+                         f"ones), got {alpha!r}")
+    return float(alpha)
+
+
+@torch.no_grad()
+def _set_interpolated(pairs: Sequence[Tuple[str, Tensor, Tensor]], finetuned: Sequence[Tensor], alpha: float) -> None:
+    for (_, p, a), ft in zip(pairs, finetuned):
+        math_dtype = torch.float64 if p.dtype == torch.float64 else torch.float32
+        mixed = torch.lerp(a.to(device=p.device, dtype=math_dtype), ft.to(math_dtype), alpha)
+        p.copy_(mixed)
+
+
+@torch.no_grad()
+def interpolate(model: nn.Module, alpha: float, anchors: Any) -> None:
+    r"""WiSE-FT: set every anchored parameter to :math:`lpha\,	heta_{ft} + (1 - lpha)\,	heta_0`, in place.
+
+    Wortsman et al., 2022, "Robust fine-tuning of zero-shot models" (CVPR): interpolating the
+    fine-tuned weights toward the pretrained ones trades task skill for what the pretrained model
+    knew, without retraining. :func:`wise_ft_sweep` evaluates several ``alpha`` and puts the
+    fine-tuned weights back.
+
+    Args:
+        model: the fine-tuned model (its current weights are :math:`	heta_{ft}`).
+        alpha: 1 keeps the fine-tuned weights, 0 restores the pretrained ones; values in between mix
+            them (outside [0, 1] extrapolates). Math in float32 (float64 for float64 parameters).
+        anchors: where :math:`	heta_0` comes from: a :class:`fastft.AdamW` that trained the model with
+            ``l2_init > 0`` (its ``state["anchor"]``, the value each parameter had at its first step),
+            or a pretrained state dict keyed like ``model.named_parameters()`` (other keys, buffers
+            included, are ignored). Parameters without an anchor (a new task head, frozen
+            parameters the optimizer never stepped) are left alone.
+
+    Raises:
+        ValueError: ``alpha`` not a finite number; no parameter has an anchor; an anchor of another
+            shape or a non-float dtype. Nothing changes then. TypeError: ``anchors`` of another kind.
+    """
+    where = "fastft.interpolate"
+    alpha = _check_alpha(alpha, where)
+    pairs = _anchor_pairs(model, anchors, where)
+    _set_interpolated(pairs, [p.detach() for _, p, _ in pairs], alpha)
+
+
+def wise_ft_sweep(model: nn.Module, anchors: Any, alphas: Iterable[float],
+                  evaluate: Callable[[nn.Module], Dict[str, Any]]) -> List[Dict[str, Any]]:
+    r"""Evaluate ``model`` at several WiSE-FT mixing weights without retraining, then restore it.
+
+    For each ``alpha`` the anchored parameters are set to
+    :math:`lpha\,	heta_{ft} + (1 - lpha)\,	heta_0` (see :func:`interpolate`; always from the
+    fine-tuned weights, never compounded) and ``evaluate(model)`` is called; its dict (e.g. the task
+    metric and a forgetting measure such as :meth:`fastft.ForgettingMonitor.measure`'s
+    ``pretrain_loss``) is returned with ``"alpha"`` added, one record per alpha in the given order.
+    Afterwards, also when ``evaluate`` raises, the fine-tuned weights are put back bit for bit (a
+    copy of the anchored parameters is held meanwhile: one model's worth of memory).
+
+    Wortsman et al., 2022, "Robust fine-tuning of zero-shot models" (CVPR).
+
+    Raises:
+        ValueError: an empty ``alphas``, an alpha that is not a finite number, or the anchors'
+            problems (see :func:`interpolate`), before anything changes. TypeError: ``evaluate`` does
+            not return a dict.
+    """
+    where = "fastft.wise_ft_sweep"
+    alphas = [_check_alpha(a, where) for a in alphas]
+    if not alphas:
+        raise ValueError(f"{where}: alphas is empty; give the mixing weights to evaluate, e.g. [0.0, 0.5, 1.0]")
+    if not callable(evaluate):
+        raise TypeError(f"{where}: evaluate must be a callable model -> dict of numbers")
+    pairs = _anchor_pairs(model, anchors, where)
+    finetuned = [p.detach().clone() for _, p, _ in pairs]
+    records = []
+    try:
+        for alpha in alphas:
+            _set_interpolated(pairs, finetuned, alpha)
+            result = evaluate(model)
+            if not isinstance(result, dict):
+                raise TypeError(f"{where}: evaluate returned {type(result).__name__}; it must return a dict such as "
+                                "{'accuracy': 0.9, 'pretrain_loss': 3.1}")
+            records.append({"alpha": alpha, **result})
+    finally:
+        with torch.no_grad():
+            for (_, p, _), ft in zip(pairs, finetuned):
+                p.copy_(ft)
+    return records

@@ -1,16 +1,17 @@
-"""``fastft.AdamW``: a drop-in ``torch.optim.AdamW`` with L2-to-init and fused gradient clipping."""
+"""``fastft.AdamW``: a drop-in ``torch.optim.AdamW`` with L2-to-init (EWC with importances) and fused
+gradient clipping."""
 
 from __future__ import annotations
 
 import math
 import numbers
 from collections import defaultdict
-from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Tuple, Union
 
 import torch
 from torch import Tensor
 
-from . import ops
+from . import _reference, ops
 from .distributed import is_dtensor
 
 __all__ = ["AdamW"]
@@ -131,6 +132,15 @@ class AdamW(torch.optim.Optimizer):
 
       ``anchor_dtype=torch.bfloat16`` stores anchors in half the memory; ``reset_anchors()``
       re-snapshots them (e.g. after domain-adaptive pretraining).
+    * **EWC** (Kirkpatrick et al., 2017): :meth:`set_importance` gives parameters a per-entry
+      importance :math:`F \ge 0` (a diagonal Fisher, e.g. from :func:`fastft.estimate_fisher`)
+      that weights their pull inside the same fused step: decoupled
+      :math:`p \leftarrow p - \text{lr}\,\lambda\,F \odot (p - p_0) - \dots`, coupled
+      :math:`g \leftarrow g + 2\lambda\,F \odot (p - p_0)` (``torch.optim.AdamW`` on
+      ``loss + λ Σ F (p − p0)²``). ``F`` lives in ``state["importance"]`` beside the anchor, in the
+      anchor's dtype (``anchor_dtype=torch.bfloat16`` stores both in bf16), and is saved in
+      ``state_dict()``; a parameter without one is pulled with ``F = 1`` (plain L2-to-init) and costs
+      nothing extra.
     * **Fused clipping** (``max_grad_norm``): the global L2 norm of all gradients of the optimizer in
       one fused reduction, applied as a scale inside the update, without rewriting ``p.grad``; the
       same as ``torch.nn.utils.clip_grad_norm_(params, max_grad_norm)`` then ``step()``. The norm
@@ -207,9 +217,10 @@ class AdamW(torch.optim.Optimizer):
         where = f"param group {len(self.param_groups)}"
         _check_hyperparameters(probe, where)
         params = param_group["params"]
-        for p in [params] if isinstance(params, Tensor) else list(params):
+        params = [params] if isinstance(params, Tensor) else list(params)  # a generator is read once
+        for p in params:
             _check_param(p, where)
-        super().add_param_group(param_group)
+        super().add_param_group({**param_group, "params": params})
 
     def __setstate__(self, state: Dict[str, Any]) -> None:
         super().__setstate__(state)
@@ -245,8 +256,9 @@ class AdamW(torch.optim.Optimizer):
                 if step is not None:
                     state["step"] = (step if isinstance(step, Tensor) else torch.tensor(float(step))).to(
                         dtype=torch.float32, device=p.device).reshape(())
-                if "anchor" in state:
-                    state["anchor"] = state["anchor"].to(dtype=_anchor_dtype_for(group, p), device=p.device)
+                for key in ("anchor", "importance"):
+                    if key in state:
+                        state[key] = state[key].to(dtype=_anchor_dtype_for(group, p), device=p.device)
 
     @torch.no_grad()
     def reset_anchors(self) -> None:
@@ -259,6 +271,56 @@ class AdamW(torch.optim.Optimizer):
                 state = self.state.get(p)
                 if state and "anchor" in state:
                     state["anchor"].copy_(p)
+
+    @torch.no_grad()
+    def set_importance(self, importance: Mapping[Tensor, Tensor]) -> None:
+        """Weight the L2-to-init pull of parameters entry by entry (EWC).
+
+        Args:
+            importance: parameter -> importance ``F`` (a tensor of the parameter's shape, finite and
+                ``>= 0``, any float dtype and device; for a DTensor parameter a DTensor placed like
+                it). ``F`` is copied into ``state["importance"]`` in the group's anchor dtype on the
+                parameter's device, replacing an earlier one. Parameters not in the mapping keep what
+                they had (none: ``F = 1``). ``F`` acts only where the group's ``l2_init > 0``; the
+                anchor is still the parameter's value at its first step. Scale: λ multiplies ``F``, so
+                ``F`` with mean 1 (as :func:`fastft.estimate_fisher` returns) keeps λ's meaning.
+
+        Raises:
+            TypeError: ``importance`` is not a mapping of tensors to tensors.
+            ValueError: a key that is not a parameter of this optimizer, or an importance of another
+                shape, a non-float dtype, or with negative / non-finite entries. Nothing is stored then.
+        """
+        if not isinstance(importance, Mapping):
+            raise TypeError(f"fastft.AdamW.set_importance: importance must be a mapping parameter -> tensor, got "
+                            f"{type(importance).__name__} (from a dict keyed by name: "
+                            "{p: F[n] for n, p in model.named_parameters() if n in F})")
+        owner = {id(p): group for group in self.param_groups for p in group["params"]}
+        staged = []
+        for p, f in importance.items():
+            if not isinstance(p, Tensor) or not isinstance(f, Tensor):
+                raise TypeError("fastft.AdamW.set_importance: keys must be parameters and values tensors, got "
+                                f"{type(p).__name__} -> {type(f).__name__}")
+            shape = tuple(p.shape)
+            if id(p) not in owner:
+                raise ValueError(f"fastft.AdamW.set_importance: a parameter of shape {shape} is not optimised by "
+                                 "this optimizer; key the mapping by the parameters you passed to it")
+            if tuple(f.shape) != shape or not f.is_floating_point():
+                raise ValueError(f"fastft.AdamW.set_importance: the importance of a parameter of shape {shape} is "
+                                 f"{f.dtype} {tuple(f.shape)}; it must be a float tensor of the parameter's shape")
+            if is_dtensor(p) != is_dtensor(f) or (is_dtensor(p) and f.placements != p.placements):
+                raise ValueError(f"fastft.AdamW.set_importance: the parameter of shape {shape} is "
+                                 f"{'a DTensor placed ' + str(p.placements) if is_dtensor(p) else 'a plain tensor'}"
+                                 f", its importance {'a DTensor placed ' + str(f.placements) if is_dtensor(f) else 'a plain tensor'}; "
+                                 "shard the importance like its parameter "
+                                 "(torch.distributed.tensor.distribute_tensor(F, p.device_mesh, p.placements))")
+            local = _local(f)
+            if local.numel() and not bool(torch.isfinite(local).all() and (local >= 0).all()):
+                raise ValueError(f"fastft.AdamW.set_importance: the importance of a parameter of shape {shape} has "
+                                 "negative, NaN or infinite entries; an importance must be finite and >= 0")
+            staged.append((p, f, owner[id(p)]))
+        for p, f, group in staged:
+            self.state[p]["importance"] = f.detach().to(device=p.device, dtype=_anchor_dtype_for(group, p),
+                                                        copy=True)
 
     def _collect(self) -> List[Tuple[Dict[str, Any], List[Tensor]]]:
         """Check every group and gradient; return the parameters to step, per group. Changes nothing."""
@@ -360,33 +422,37 @@ class AdamW(torch.optim.Optimizer):
                 continue
             l2 = float(group["l2_init"])
             amsgrad = group["amsgrad"]
-            buckets: Dict[tuple, List[List[Tensor]]] = defaultdict(lambda: [[] for _ in range(7)])
+            buckets: Dict[tuple, List[List[Tensor]]] = defaultdict(lambda: [[] for _ in range(8)])
             for p in params:
                 state = self.state[p]
-                if len(state) == 0:
+                if "step" not in state:
                     state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
                     state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                     state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 if amsgrad and "max_exp_avg_sq" not in state:
                     state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                anchor = None
+                anchor = importance = None
                 if l2 != 0.0:
                     if "anchor" not in state:
                         state["anchor"] = p.detach().to(dtype=_anchor_dtype_for(group, p), copy=True)
                     anchor = state["anchor"]
+                    importance = state.get("importance")
                 # DTensors (FSDP2): the kernel steps this process's shards; the state is sharded alike.
-                key = (p.device, p.dtype, None if anchor is None else anchor.dtype)
+                # Parameters without an importance go to a call of their own: they read no F.
+                key = (p.device, p.dtype, None if anchor is None else anchor.dtype, importance is not None)
                 lists = buckets[key]
                 for i, t in enumerate((p, p.grad, state["exp_avg"], state["exp_avg_sq"], state.get("max_exp_avg_sq"),
-                                       state["step"], anchor)):
+                                       state["step"], anchor, importance)):
                     if t is not None:
                         lists[i].append(_local(t))
             beta1, beta2 = group["betas"]
             hyper = dict(lr=_scalar(group["lr"]), beta1=_scalar(beta1), beta2=_scalar(beta2),
                          weight_decay=_scalar(group["weight_decay"]), eps=_scalar(group["eps"]), l2_init=l2,
                          coupled=group["l2_init_mode"] == "coupled", amsgrad=amsgrad, maximize=group["maximize"])
-            for (device, _, _), lists in buckets.items():
-                ops.adamw_l2init_(*lists, **hyper, grad_scale=on(grad_scale, "scale", device),
-                                  found_inf=on(found_inf, "inf", device), clip_coef=clip.get(device))
+            for (device, _, _, weighted), lists in buckets.items():
+                # Until the compiled kernels take importances, EWC buckets step with the reference.
+                step_fn = _reference.adamw_l2init_ if weighted else ops.adamw_l2init_
+                step_fn(*(lists if weighted else lists[:7]), **hyper, grad_scale=on(grad_scale, "scale", device),
+                        found_inf=on(found_inf, "inf", device), clip_coef=clip.get(device))
         return loss
 

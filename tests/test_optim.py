@@ -340,6 +340,16 @@ def test_no_anchor_when_l2_init_zero_and_per_group_override(device):
     assert "anchor" in opt.state[body] and "anchor" not in opt.state[head]
 
 
+def test_param_groups_given_as_generators(device):
+    """model.parameters() in a group dict is a generator: it is read once, for the checks and the group."""
+    model = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.Linear(6, 2)).to(device)
+    opt = fastft.AdamW([{"params": model[0].parameters()}, {"params": model[1].parameters(), "l2_init": 0.0}],
+                       l2_init=0.1)
+    assert [len(g["params"]) for g in opt.param_groups] == [2, 2]
+    opt.add_param_group({"params": (p for p in [torch.nn.Parameter(torch.zeros(3, device=device))])})
+    assert len(opt.param_groups[2]["params"]) == 1
+
+
 def test_l2_init_pulls_toward_anchor(device):
     p = make_params([(100,)], torch.float32, device)[0]
     start = p.detach().clone()
@@ -430,6 +440,172 @@ def test_inside_transformers_trainer(tmp_path):
     p = dict(model.named_parameters())["bert.encoder.layer.0.attention.self.query.weight"]
     assert torch.equal(opt.state[p]["anchor"], pretrained["bert.encoder.layer.0.attention.self.query.weight"])
     assert float(opt.state[p]["step"]) == 4 and not torch.equal(p.detach(), opt.state[p]["anchor"])
+
+
+# --- EWC: importance-weighted L2-to-init ----------------------------------------------------------
+
+
+def _float64_ewc(p, p0, f, grads, lr, b1, b2, eps, wd, lam):
+    p, p0, f = p.double().clone(), p0.double(), f.double()
+    m = torch.zeros_like(p)
+    v = torch.zeros_like(p)
+    for t, g in enumerate(grads, start=1):
+        g = g.double()
+        m = b1 * m + (1 - b1) * g
+        v = b2 * v + (1 - b2) * g * g
+        p = p - lr * (wd * p + lam * f * (p - p0)) - lr * (m / (1 - b1**t)) / ((v / (1 - b2**t)).sqrt() + eps)
+    return p
+
+
+def _importance(shape, device, seed=7):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.rand(shape, generator=g) * 3).to(device)  # entries in [0, 3), some near 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("anchor_dtype", [None, torch.bfloat16])
+def test_ewc_decoupled_matches_float64_math(device, dtype, anchor_dtype):
+    lr, b1, b2, eps, wd, lam = 1e-2, 0.9, 0.99, 1e-8, 0.05, 0.5
+    p = make_params([(1000,)], dtype, device)[0]
+    p0 = p.detach().clone()
+    f = _importance((1000,), device)
+    opt = fastft.AdamW([p], lr=lr, betas=(b1, b2), eps=eps, weight_decay=wd, l2_init=lam, anchor_dtype=anchor_dtype)
+    opt.set_importance({p: f})
+    grads = []
+    for s in range(30):
+        set_grads([p], s)
+        grads.append(p.grad.clone())
+        opt.step()
+    stored = opt.state[p]["importance"]
+    assert stored.dtype == (anchor_dtype or dtype) and stored.device == p.device
+    anchor = p0.to(anchor_dtype) if anchor_dtype is not None else p0
+    expected = _float64_ewc(p0, anchor, stored, grads, lr, b1, b2, eps, wd, lam)
+    tol = 1e-12 if dtype == torch.float64 else 2e-6
+    torch.testing.assert_close(p.double(), expected, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("amsgrad", [False, True])
+def test_ewc_coupled_equals_autograd_on_fisher_penalised_loss(device, amsgrad):
+    """Coupled EWC is torch.optim.AdamW on loss + λ Σ F (p − p0)², the penalty differentiated by autograd."""
+    lam = 0.3
+    ours = make_params([(20, 30), (30,)], torch.float64, device)
+    theirs = copy.deepcopy(ours)
+    anchors = [p.detach().clone() for p in theirs]
+    fisher = [_importance(p.shape, device, seed=i).double() for i, p in enumerate(ours)]
+    x = torch.randn(64, 20, dtype=torch.float64, device=device)
+    opt_a = fastft.AdamW(ours, lr=1e-2, weight_decay=0.01, amsgrad=amsgrad, l2_init=lam, l2_init_mode="coupled")
+    opt_a.set_importance(dict(zip(ours, fisher)))
+    opt_b = torch.optim.AdamW(theirs, lr=1e-2, weight_decay=0.01, amsgrad=amsgrad)
+    for _ in range(25):
+        for params, opt, penalise in ((ours, opt_a, False), (theirs, opt_b, True)):
+            opt.zero_grad()
+            loss = torch.tanh(x @ params[0] + params[1]).square().mean()
+            if penalise:
+                loss = loss + lam * sum((f * (p - a) ** 2).sum() for p, a, f in zip(params, anchors, fisher))
+            loss.backward()
+            opt.step()
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_ewc_parameters_without_importance_step_as_plain_l2(device):
+    """One optimizer, one parameter weighted, one not: the unweighted one steps exactly as plain L2-to-init,
+    and an importance of ones is plain L2-to-init."""
+    a, b = make_params([(300,), (7, 9)], torch.float32, device)
+    plain_a, plain_b = copy.deepcopy(a), copy.deepcopy(b)
+    ones = copy.deepcopy(a)
+    opt = fastft.AdamW([a, b], lr=1e-2, l2_init=0.7)
+    opt.set_importance({a: _importance(a.shape, device)})
+    opt_plain = fastft.AdamW([plain_a, plain_b], lr=1e-2, l2_init=0.7)
+    opt_ones = fastft.AdamW([ones], lr=1e-2, l2_init=0.7)
+    opt_ones.set_importance({ones: torch.ones_like(ones)})
+    for s in range(10):
+        for group in ([a, b], [plain_a, plain_b], [ones]):
+            set_grads(group, s)
+        opt.step()
+        opt_plain.step()
+        opt_ones.step()
+    assert "importance" not in opt.state[b]
+    assert torch.equal(b, plain_b)
+    assert_rel(ones, plain_a, rel=1e-6)
+    assert not torch.allclose(a, plain_a)
+
+
+def test_ewc_importance_concentrates_the_pull(device):
+    """Entries with a large F stay near the anchor; entries with F = 0 move as without L2-to-init."""
+    p = make_params([(200,)], torch.float32, device)[0]
+    free = copy.deepcopy(p)
+    start = p.detach().clone()
+    f = torch.zeros(200, device=device)
+    f[:100] = 2.0
+    opt = fastft.AdamW([p], lr=1e-2, weight_decay=0.0, l2_init=5.0)
+    opt.set_importance({p: f})
+    opt_free = fastft.AdamW([free], lr=1e-2, weight_decay=0.0)
+    for _ in range(100):
+        p.grad = torch.ones(200, device=device)
+        free.grad = torch.ones(200, device=device)
+        opt.step()
+        opt_free.step()
+    assert (p[:100] - start[:100]).abs().max() < 0.25 * (free[:100] - start[:100]).abs().min()
+    torch.testing.assert_close(p[100:], free[100:])
+
+
+def test_ewc_importance_round_trips_through_state_dict(device):
+    a = make_params([(50,), (3, 4)], torch.float32, device)
+    b = copy.deepcopy(a)
+    opt = fastft.AdamW(a, lr=1e-2, l2_init=0.3, anchor_dtype=torch.bfloat16, l2_init_mode="coupled")
+    opt.set_importance({a[0]: _importance((50,), device)})
+    for s in range(4):
+        set_grads(a, s)
+        opt.step()
+    with torch.no_grad():
+        for p, q in zip(a, b):
+            q.copy_(p)
+    opt2 = fastft.AdamW(b, lr=1e-2, l2_init=0.3, anchor_dtype=torch.bfloat16, l2_init_mode="coupled")
+    opt2.load_state_dict(copy.deepcopy(opt.state_dict()))
+    assert opt2.state[b[0]]["importance"].dtype == torch.bfloat16
+    assert torch.equal(opt2.state[b[0]]["importance"], opt.state[a[0]]["importance"])
+    assert "importance" not in opt2.state[b[1]]
+    for s in range(4, 8):
+        set_grads(a, s)
+        set_grads(b, s)
+        opt.step()
+        opt2.step()
+    for p, q in zip(a, b):
+        assert torch.equal(p, q)
+
+
+def test_ewc_importance_set_before_the_first_step_keeps_lazy_anchor(device):
+    p, q = make_params([(10,), (10,)], torch.float32, device)
+    opt = fastft.AdamW([p, q], lr=1e-1, l2_init=0.5)
+    opt.set_importance({p: torch.full((10,), 2.0, device=device)})
+    assert set(opt.state[p]) == {"importance"} and q not in opt.state
+    with torch.no_grad():
+        p.add_(1.0)
+    start = p.detach().clone()
+    set_grads([p], 0)
+    opt.step()
+    assert torch.equal(opt.state[p]["anchor"], start) and float(opt.state[p]["step"]) == 1
+
+
+def test_ewc_set_importance_bad_input_stores_nothing(device):
+    p, q = make_params([(4, 3), (5,)], torch.float32, device)
+    stranger = torch.nn.Parameter(torch.zeros(5, device=device))
+    opt = fastft.AdamW([p, q], l2_init=0.1)
+    good = {p: torch.ones(4, 3, device=device)}
+    cases = [
+        ({**good, stranger: torch.ones(5, device=device)}, ValueError, "not optimised"),
+        ({**good, q: torch.ones(4, device=device)}, ValueError, "shape"),
+        ({**good, q: torch.ones(5, dtype=torch.long, device=device)}, ValueError, "float"),
+        ({**good, q: torch.tensor([1.0, -1.0, 0, 0, 0], device=device)}, ValueError, "negative"),
+        ({**good, q: torch.tensor([1.0, float("nan"), 0, 0, 0], device=device)}, ValueError, "NaN"),
+        ({**good, "q": torch.ones(5)}, TypeError, "parameters"),
+        ([(p, torch.ones(4, 3))], TypeError, "mapping"),
+    ]
+    for importance, error, match in cases:
+        with pytest.raises(error, match=match):
+            opt.set_importance(importance)
+        assert p not in opt.state and q not in opt.state
 
 
 # --- bad input: a clear error, nothing modified -------------------------------------------------
