@@ -17,7 +17,7 @@ from .layers import RequiresGradAttributeError, find_layers
 from .losses import linear_cross_entropy
 from .param_groups import layerwise_lr_groups
 from .pooling import POOL_MODES, Pool, masked_mean_pool, pool
-from .prompting import evaluate_prompting, few_shot_prompt
+from .prompting import evaluate_generation_prompting, evaluate_prompting, few_shot_prompt
 from .train import Callback, EarlyStopping, FitResult, MultiTaskModel, MultiTaskTrainer, Replay, Task, Trainer
 
 try:
@@ -48,6 +48,7 @@ __all__ = [
     "build_info",
     "continue_pretraining",
     "estimate_fisher",
+    "evaluate_generation_prompting",
     "evaluate_prompting",
     "few_shot_prompt",
     "find_layers",

