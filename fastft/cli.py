@@ -74,6 +74,22 @@ Labels in a file: a column whose labels are all integer-like (``1``, ``"1"``, ``
 ids (ints); a JSONL column of numbers that are not all integers holds regression targets (floats);
 any other column is passed as strings, label names that the Trainer maps to ids.
 
+Generative form (a causal LM that learns to write the completions; see ``examples/headlines.yaml``)::
+
+    model:
+      path: smollm2-135m-instruct # a causal LM folder, or the packaged SmolLM2-135M-Instruct GGUF
+      task: generate              # (default classify)
+      gguf_file: x.gguf           # optional: a GGUF file inside the folder
+    data:
+      source: bbc_headlines       # chat examples of BBC News headlines, or a .jsonl file of
+                                  # {"prompt", "completion"} or {"messages": [...]} objects; validation,
+                                  # test, split, seed, max_examples as above
+    lora: {r: 16, alpha: 32, dropout: 0.05, target_modules: all-linear}   # optional: LoRA through peft
+    forgetting: {source: oanc, max_examples: 128, max_length: 64}       # optional: a ForgettingMonitor
+    prompting: {shots: [0, 3], seed: 0, max_examples: 100}   # optional: score the pretrained model's
+                                  # 0-/k-shot generation on the test examples first (summary.json)
+    trainer: {generation_metrics: [rouge_l, bleu], generation_kwargs: {max_new_tokens: 24}, ...}
+
 Multi-task form: ``tasks:`` instead of ``data:``; ``model:`` takes only ``path`` (each task has its
 own head)::
 
