@@ -9,6 +9,7 @@ from importlib.metadata import PackageNotFoundError, version as _pkg_version
 
 from . import _ext, distributed
 from .optim import AdamW
+from .code_eval import evaluate_code, evaluate_completions, pass_at_k
 from .forgetting import ForgettingMonitor, continue_pretraining, estimate_fisher, interpolate, wise_ft_sweep
 from .freezing import FreezePlan, GradualUnfreezing, freeze_layers
 from .generation import generate
@@ -48,6 +49,8 @@ __all__ = [
     "build_info",
     "continue_pretraining",
     "estimate_fisher",
+    "evaluate_code",
+    "evaluate_completions",
     "evaluate_generation_prompting",
     "evaluate_prompting",
     "few_shot_prompt",
@@ -58,6 +61,7 @@ __all__ = [
     "layerwise_lr_groups",
     "linear_cross_entropy",
     "masked_mean_pool",
+    "pass_at_k",
     "pool",
     "wise_ft_sweep",
     "__version__",

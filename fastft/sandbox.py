@@ -310,7 +310,7 @@ from concurrent.futures import ThreadPoolExecutor  # noqa: E402
 from dataclasses import asdict, dataclass, field  # noqa: E402
 from typing import Dict, List, Optional, Sequence  # noqa: E402
 
-__all__ = ["Limits", "SandboxResult", "SandboxError", "run_program", "run_programs", "isolation"]
+__all__ = ["Limits", "SandboxResult", "SandboxError", "run_program", "run_programs", "isolation", "ensure_isolation"]
 
 _LAUNCHER = os.path.abspath(__file__)
 
@@ -630,11 +630,14 @@ def isolation(python: Optional[str] = None) -> Dict[str, object]:
 _warned = []
 
 
-def _mode(python: str, require_isolation: bool) -> bool:
+def ensure_isolation(require: bool = True, python: Optional[str] = None) -> bool:
+    """True when programs will run isolated (see :func:`isolation`). When the machine refuses the
+    namespaces: raise SandboxError if ``require`` (nothing should run), else warn once and return False."""
+    python = python or sys.executable
     info = _probe(python)
     if info["isolated"]:
         return True
-    if require_isolation:
+    if require:
         raise SandboxError(f"fastft.sandbox: this machine refuses the sandbox's Linux namespaces ({info['why']}), so "
                            "programs would run without network removal and with write access to whatever this user "
                            "may write. Pass require_isolation=False to run them anyway with resource limits, their "
@@ -679,7 +682,7 @@ def run_program(source: str, limits: Optional[Limits] = None, *, python: Optiona
     _check_source(source, "run_program")
     limits = limits if limits is not None else Limits()
     python = python or sys.executable
-    return _launch_and_wait(source, limits, _mode(python, require_isolation), python)
+    return _launch_and_wait(source, limits, ensure_isolation(require_isolation, python), python)
 
 
 def run_programs(sources: Sequence[str], limits: Optional[Limits] = None, *, workers: Optional[int] = None,
@@ -694,7 +697,7 @@ def run_programs(sources: Sequence[str], limits: Optional[Limits] = None, *, wor
         raise ValueError(f"fastft.sandbox.run_programs: workers must be a positive int or None, got {workers!r}")
     limits = limits if limits is not None else Limits()
     python = python or sys.executable
-    isolated = _mode(python, require_isolation)
+    isolated = ensure_isolation(require_isolation, python)
     workers = workers or len(os.sched_getaffinity(0))
     if not sources:
         return []

