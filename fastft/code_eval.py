@@ -20,13 +20,17 @@ from .atomic import atomic_write
 from .sandbox import Limits, SandboxResult, ensure_isolation, run_programs
 
 __all__ = ["pass_at_k", "evaluate_code", "evaluate_completions", "humaneval_problems", "check_program",
-           "HUMANEVAL_STOP"]
+           "code_from_reply", "HUMANEVAL_STOP", "CHAT_INSTRUCTION"]
 
 #: Where a HumanEval completion ends: the next top-level statement (the Codex paper's stop sequences),
 #: or a chat model's closing code fence.
 HUMANEVAL_STOP = ("\nclass", "\ndef", "\n#", "\nif", "\nprint", "\n```")
 
 _KEYS = ("task_id", "prompt", "test", "entry_point")
+
+#: The user turn of ``prompt_format="chat"``; ``{prompt}`` is the problem's prompt.
+CHAT_INSTRUCTION = ("Complete the following Python function. Answer with the whole function in one "
+                    "```python code block.\n\n```python\n{prompt}```")
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -77,6 +81,19 @@ def check_program(problem: Dict[str, str], completion: str) -> str:
     problem's ``test`` (which defines ``check``), then ``check(<entry_point>)``."""
     return (problem["prompt"] + completion + "\n\n" + problem["test"] + "\n\n"
             + f"check({problem['entry_point']})\n")
+
+
+def code_from_reply(reply: str) -> str:
+    """The code of a chat model's reply: the first fenced code block (```python or ```), else the whole
+    reply; an unclosed block runs to the end."""
+    start = reply.find("```")
+    if start < 0:
+        return reply
+    body = reply[start + 3:]
+    newline = body.find("\n")
+    body = body[newline + 1:] if newline >= 0 else ""  # drop the fence's language tag
+    end = body.find("```")
+    return body if end < 0 else body[:end]
 
 
 def _check_problems(problems: Any, where: str) -> List[Dict[str, str]]:
@@ -170,7 +187,8 @@ def evaluate_code(model: Any, tokenizer: Any, problems: Sequence[Dict[str, str]]
                   timeout: float = 10.0, *, top_p: float = 0.95, batch_size: int = 8, seed: int = 0,
                   stop: Optional[Sequence[str]] = HUMANEVAL_STOP, limits: Optional[Limits] = None,
                   workers: Optional[int] = None, output_dir: Optional[Union[str, os.PathLike]] = None,
-                  generate_kwargs: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+                  generate_kwargs: Optional[Dict[str, Any]] = None, prompt_format: str = "completion"
+                  ) -> Dict[str, Any]:
     """pass@k of a causal LM on HumanEval-format problems: generate, run each candidate in the
     sandbox against the problem's tests, estimate pass@k (Chen et al. 2021).
 
@@ -200,6 +218,12 @@ def evaluate_code(model: Any, tokenizer: Any, problems: Sequence[Dict[str, str]]
             the sandbox's ``status`` and ``reason``, ``seconds``). None (default): nothing written.
         generate_kwargs: more arguments for :func:`fastft.generate` / ``model.generate`` (e.g.
             ``{"repetition_penalty": 1.1}``).
+        prompt_format: ``"completion"`` (default, HumanEval's protocol: the model continues the
+            prompt's text) or ``"chat"`` (for instruction-tuned models: the prompt inside
+            :data:`CHAT_INSTRUCTION` as a user turn of the tokenizer's chat template; the reply's
+            first code block, :func:`code_from_reply`, is the completion, placed after the prompt
+            and a newline so that a whole function replaces the prompt's stub and a bare body
+            completes it; ``stop`` is not applied, the turn ends at the model's end-of-turn token).
 
     Returns:
         ``{"pass@1": float, ..., "problems": int, "samples": int, "records": [the per-problem
@@ -229,14 +253,26 @@ def evaluate_code(model: Any, tokenizer: Any, problems: Sequence[Dict[str, str]]
                          f"got samples={samples}; sample with temperature > 0 (e.g. 0.8) for pass@k with k > 1")
     if not isinstance(timeout, (int, float)) or not timeout > 0:
         raise ValueError(f"fastft.evaluate_code: timeout must be a positive number of seconds, got {timeout!r}")
+    if prompt_format not in ("completion", "chat"):
+        raise ValueError(f"fastft.evaluate_code: prompt_format must be 'completion' or 'chat', got {prompt_format!r}")
+    if prompt_format == "chat" and not getattr(tokenizer, "chat_template", None):
+        raise ValueError("fastft.evaluate_code: prompt_format='chat' needs a tokenizer with a chat_template")
     limits = limits if limits is not None else Limits(timeout=timeout)
     ensure_isolation()
     sampling = dict(do_sample=True, temperature=float(temperature), top_p=top_p,
                     num_return_sequences=samples) if temperature > 0 else {}
-    outs = generate(model, tokenizer, [p["prompt"] for p in problems], max_new_tokens=max_new_tokens,
-                    batch_size=batch_size, seed=seed, stop=list(stop) if stop else None, **sampling,
-                    **(generate_kwargs or {}))
+    if prompt_format == "chat":
+        prompts: List[Any] = [list(tokenizer.apply_chat_template(
+            [{"role": "user", "content": CHAT_INSTRUCTION.format(prompt=p["prompt"])}], add_generation_prompt=True,
+            tokenize=True, return_dict=False)) for p in problems]
+        stop = None
+    else:
+        prompts = [p["prompt"] for p in problems]
+    outs = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size, seed=seed,
+                    stop=list(stop) if stop else None, **sampling, **(generate_kwargs or {}))
     completions = [o if isinstance(o, list) else [o] for o in outs]
+    if prompt_format == "chat":
+        completions = [["\n" + code_from_reply(c) for c in cs] for cs in completions]
     programs = [check_program(p, c) for p, cs in zip(problems, completions) for c in cs]
     results = run_programs(programs, limits, workers=workers)
     return _score(problems, completions, ks, results, output_dir)

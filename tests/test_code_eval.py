@@ -124,3 +124,21 @@ def test_evaluate_code_end_to_end_with_a_copying_model(tmp_path, temperature, sa
 def test_check_program_is_humanevals():
     p = {"prompt": "def f():\n", "test": "def check(c):\n    assert c() == 1\n", "entry_point": "f"}
     assert check_program(p, "    return 1\n") == "def f():\n    return 1\n\n\ndef check(c):\n    assert c() == 1\n\n\ncheck(f)\n"
+
+
+def test_code_from_a_chat_reply():
+    from fastft.code_eval import code_from_reply
+
+    assert code_from_reply("Here:\n```python\ndef f():\n    return 1\n```\nIt returns 1.") == "def f():\n    return 1\n"
+    assert code_from_reply("```\nx = 1\n") == "x = 1\n"  # an unclosed block runs to the end
+    assert code_from_reply("    return 1\n") == "    return 1\n"  # no block: the whole reply
+
+
+def test_chat_format_needs_a_chat_template():
+    tok = tiny_bpe_tokenizer(chat_template=None)
+    model = tiny_llama(len(tok))
+    problems = humaneval_problems()[:1]
+    with pytest.raises(ValueError, match="chat_template"):
+        fastft.evaluate_code(model, tok, problems, prompt_format="chat")
+    with pytest.raises(ValueError, match="prompt_format"):
+        fastft.evaluate_code(model, tok, problems, prompt_format="instruct")
