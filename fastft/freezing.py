@@ -19,7 +19,7 @@ from __future__ import annotations
 import threading
 import warnings
 import weakref
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor, nn
@@ -207,6 +207,7 @@ class FreezePlan:
         self._modules: List[nn.Module] = []
         self._handles: list = []
         self._replaced = False
+        self._cache = None
 
     # -- queries ----------------------------------------------------------------------------------
     @property
@@ -261,6 +262,38 @@ class FreezePlan:
         self._check_live("unfreeze_all")
         check_model(self.model, "FreezePlan.unfreeze_all")
         self._apply(0, False)
+
+    @property
+    def prefix_cache(self):
+        """The plan's :class:`fastft.prefix_cache.PrefixCache` (from :meth:`enable_cache`), or None."""
+        return self._cache
+
+    def enable_cache(self, dtype: Any = None, memory_mb: float = 1024.0, folder: Any = None):
+        """Keep the frozen prefix's output per example and replay it (see :mod:`fastft.prefix_cache`).
+
+        The plan owns one cache; a second call closes the first. The cache follows the boundary: when
+        it moves (:meth:`set_boundary`, :class:`GradualUnfreezing`) the kept states are dropped and
+        refill lazily. Replacing the plan (a later :func:`freeze_layers` on the model) closes it.
+
+        Args:
+            dtype: the dtype states are kept in (``"fp32"``, ``"bf16"``, ``"fp16"`` or a torch dtype);
+                None: the dtype of the blocks' output.
+            memory_mb: megabytes kept in memory before states spill to a memory-mapped file (>= 0).
+            folder: the spill file's folder (a run folder); None: a temporary folder.
+        Returns:
+            the :class:`~fastft.prefix_cache.PrefixCache`; feed it batches with its ``run`` method.
+        Raises:
+            ValueError: bad ``dtype`` / ``memory_mb``, embeddings left trainable (``embeddings=False``),
+                or an encoder-decoder model; nothing changes then.
+        """
+        self._check_live("enable_cache")
+        from .prefix_cache import PrefixCache
+
+        cache = PrefixCache(self, dtype=dtype, memory_mb=memory_mb, folder=folder)
+        if self._cache is not None:
+            self._cache.close()
+        self._cache = cache
+        return cache
 
     def state_dict(self) -> Dict[str, Any]:
         """Where the boundary is now, for checkpoints: ``{"boundary": int, "embeddings_frozen": bool}``."""
@@ -339,7 +372,7 @@ class FreezePlan:
         self._embeddings_frozen = embeddings
 
 
-def freeze_layers(model: nn.Module, n: int, embeddings: bool = True, *,
+def freeze_layers(model: nn.Module, n: Union[int, str], embeddings: bool = True, *,
                   layers: Optional[Sequence[nn.Module]] = None) -> FreezePlan:
     """Freeze the embeddings and the lowest ``n`` transformer blocks of ``model``.
 
@@ -350,8 +383,8 @@ def freeze_layers(model: nn.Module, n: int, embeddings: bool = True, *,
 
     Args:
         model: the model.
-        n: number of blocks to freeze, ``0 <= n <= len(find_layers(model))``; ``n = len(...)`` with
-            ``embeddings=True`` trains only what lies above the blocks (the head).
+        n: number of blocks to freeze, ``0 <= n <= len(find_layers(model))``, or ``"all"`` (every
+            block); all blocks with ``embeddings=True`` trains only what lies above them (the head).
         embeddings: also freeze the embeddings (token/position/patch embeddings and what their
             modules hold, e.g. BERT's embedding LayerNorm).
         layers: the blocks, lowest first, when :func:`find_layers` cannot find them.
@@ -364,11 +397,17 @@ def freeze_layers(model: nn.Module, n: int, embeddings: bool = True, *,
     check_model(model, "freeze_layers")
     check_bool(embeddings, "embeddings", "freeze_layers")
     structure = ModelStructure(model, layers, "freeze_layers")
+    if isinstance(n, str):
+        if n != "all":
+            raise TypeError(f"fastft.freeze_layers: n must be an int in [0, {structure.num_layers}] or 'all', got {n!r}")
+        n = structure.num_layers
     n = check_int(n, "n", 0, structure.num_layers, "freeze_layers")
     old = _PLANS.get(model)
     if old is not None and not old._replaced:
         old._release()
         old._replaced = True
+        if old._cache is not None:
+            old._cache.close()
     plan = FreezePlan(model, structure, embeddings)
     plan._apply(n, embeddings)
     _PLANS[model] = plan

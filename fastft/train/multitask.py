@@ -299,7 +299,8 @@ class MultiTaskTrainer(Trainer):
         hidden_size: the encoder's hidden size; None reads ``encoder.config.hidden_size``.
         **trainer_kwargs: every keyword argument of :class:`fastft.Trainer`, with its meaning, units
             and default (epochs, batch_size, lr, weight_decay, l2_init, l2_init_mode, freeze,
-            layerwise_lr_decay, max_grad_norm, warmup_ratio, scheduler, gradient_accumulation,
+            cache_frozen, cache_dtype, cache_memory_mb (the shared encoder's frozen prefix, cached per
+            example across tasks), layerwise_lr_decay, max_grad_norm, warmup_ratio, scheduler, gradient_accumulation,
             early_stopping, precision, output_dir, tokenizer, max_length, group_by_length, eval_every,
             eval_batch_size, callbacks, seed, skip_nonfinite, checkpoint_every, progress, device,
             replay, find_unused_parameters, new_modules) — except those set per task: ``val_data``
@@ -409,13 +410,17 @@ class MultiTaskTrainer(Trainer):
         return super()._micro_loss(module, batch_indices, *args, **kwargs)
 
     def _rows_loss(self, module: nn.Module, indices: List[int]) -> Tensor:
-        batch = to_device(self.collate([self.train_examples[i] for i in indices]), self.device)
+        keys = self.collate([self.train_examples[i] for i in indices])
+        batch = to_device(keys, self.device)
         with self._autocast():
             if self.mix:
                 weights = {name: float(t.loss_weight) for name, t in self.tasks.items()}
-                return module([self.task_of[i] for i in indices], **batch, loss_weights=weights).loss.float()
+                rows = [self.task_of[i] for i in indices]
+                out = self._through_cache(keys, lambda: module(rows, **batch, loss_weights=weights))
+                return out.loss.float()
             task = self.task_of[indices[0]]
-            return module(task, **batch).loss.float() * float(self.tasks[task].loss_weight)
+            out = self._through_cache(keys, lambda: module(task, **batch))
+            return out.loss.float() * float(self.tasks[task].loss_weight)
 
     def _has_validation(self) -> bool:
         return bool(self.task_val)
@@ -466,9 +471,9 @@ class MultiTaskTrainer(Trainer):
             raise KeyError(f"{self.where}.{what}: unknown task {task!r}; tasks: {sorted(self.tasks)}")
 
     def _task_forward(self, task: str, batch: Any) -> Tuple[Tensor, Tensor, Tensor]:
-        batch = to_device(batch, self.device)
+        keys, batch = batch, to_device(batch, self.device)
         with self._autocast():
-            out = self.model(task, **batch)
+            out = self._through_cache(keys, lambda: self.model(task, **batch))
         return out.loss.float(), out.logits, batch["labels"]
 
     def evaluate(self, task: str, data: Any = None) -> Dict[str, float]:

@@ -12,7 +12,7 @@ import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -221,8 +221,23 @@ class Trainer:
         l2_init: L2-to-init strength λ (0 = off): pulls pretrained weights toward their values at
             the first step. Default 0.0.
         l2_init_mode: ``"decoupled"`` (``p -= lr·λ·(p - p0)``) or ``"coupled"`` (``g += 2λ(p - p0)``).
-        freeze: freeze the embeddings and the lowest ``freeze`` blocks (:func:`fastft.freeze_layers`);
-            None: nothing frozen. The plan is ``trainer.freeze_plan``.
+        freeze: freeze the embeddings and the lowest ``freeze`` blocks (:func:`fastft.freeze_layers`),
+            ``"all"``: every block (only the head trains); None: nothing frozen. The plan is
+            ``trainer.freeze_plan``.
+        cache_frozen: keep the frozen prefix's output per example the first time it is computed and
+            replay it in later epochs, validation and :meth:`predict`, which then run only the blocks
+            above the boundary (:mod:`fastft.prefix_cache`; ``trainer.prefix_cache``). Needs ``freeze``
+            >= 1 block. Dropout below the boundary is off (the frozen blocks are in eval mode anyway;
+            so is e.g. GPT-2's embedding dropout while caching), so a cached run equals an uncached one
+            whose prefix dropout is off too; in fp32 the two differ only by rounding where batches
+            are padded to other lengths. A moving boundary (GradualUnfreezing) drops the cache;
+            replay rows and batches with other inputs (``position_ids`` ...) run the whole model.
+            Default False.
+        cache_dtype: the dtype the cache keeps states in: ``"fp32"``, ``"bf16"``, ``"fp16"``; None: the
+            blocks' output dtype.
+        cache_memory_mb: megabytes of cached states kept in memory (on ``device``); beyond it states
+            spill to ``prefix_cache.bin``, memory-mapped, in ``output_dir`` (a temporary folder without
+            one; deleted when the trainer goes). Default 1024.
         layerwise_lr_decay: ``lr × decay^depth`` per block (:func:`fastft.layerwise_lr_groups`); None: off.
         max_grad_norm: global-norm clipping fused into the optimizer step; None: off. Default 1.0.
         warmup_ratio: share of all optimizer steps with a linear warm-up, in [0, 1). Default 0.1.
@@ -311,7 +326,8 @@ class Trainer:
 
     def __init__(self, model: nn.Module, train_data: Any, val_data: Any = None, *, epochs: int = 3,
                  batch_size: int = 32, lr: float = 2e-5, weight_decay: float = 0.01, l2_init: float = 0.0,
-                 l2_init_mode: str = "decoupled", freeze: Optional[int] = None,
+                 l2_init_mode: str = "decoupled", freeze: Optional[Union[int, str]] = None,
+                 cache_frozen: bool = False, cache_dtype: Optional[str] = None, cache_memory_mb: float = 1024.0,
                  layerwise_lr_decay: Optional[float] = None, max_grad_norm: Optional[float] = 1.0,
                  warmup_ratio: float = 0.1, scheduler: str = "linear", gradient_accumulation: int = 1,
                  early_stopping: Optional[EarlyStopping] = None, metrics: Optional[Sequence[Any]] = None,
@@ -349,6 +365,7 @@ class Trainer:
             raise ValueError(f"{where}: warmup_ratio must be a number in [0, 1), got {warmup_ratio!r}")
         metrics = (metrics,) if isinstance(metrics, str) else (None if metrics is None else tuple(metrics))
         check_metric_names(metrics or (), where)
+        cache_dtype = self._check_cache_args(freeze, cache_frozen, cache_dtype, cache_memory_mb)
         generation_metrics = (generation_metrics,) if isinstance(generation_metrics, str) else \
             tuple(generation_metrics or ())
         check_generation_metric_names(generation_metrics, where)
@@ -422,6 +439,14 @@ class Trainer:
             from ..freezing import freeze_layers
 
             self.freeze_plan = freeze_layers(self._freeze_target(), freeze)
+        #: The frozen-prefix cache (``cache_frozen=True``), or None.
+        self.prefix_cache = None
+        if cache_frozen:
+            try:
+                self.prefix_cache = self.freeze_plan.enable_cache(cache_dtype, cache_memory_mb, self.output_dir)
+            except ValueError as e:
+                self.freeze_plan.unfreeze_all()
+                raise ValueError(f"{where}: cache_frozen=True: {e}") from None
         self.model.to(self.device)
         if replay is not None:
             replay.bind(self.model, tokenizer)
@@ -576,6 +601,28 @@ class Trainer:
         raise ValueError(f"{self.where}: EarlyStopping monitors {es.monitor!r}, which no evaluation record holds"
                          f"{why}; records hold {sorted(keys)}" + (f". Did you mean {hint[0]!r}?" if hint else ""))
 
+    def _check_cache_args(self, freeze: Any, cache_frozen: Any, cache_dtype: Any, cache_memory_mb: Any):
+        """The checked ``cache_dtype`` (a torch dtype or None); raises for bad cache arguments."""
+        from ..prefix_cache import cache_dtype_of
+
+        where = self.where
+        if not isinstance(cache_frozen, bool):
+            raise ValueError(f"{where}: cache_frozen must be True or False, got {cache_frozen!r}")
+        if isinstance(cache_memory_mb, bool) or not isinstance(cache_memory_mb, (int, float)) \
+                or not 0 <= cache_memory_mb < float("inf"):
+            raise ValueError(f"{where}: cache_memory_mb must be a number >= 0, got {cache_memory_mb!r}")
+        if cache_frozen and (freeze is None or freeze == 0):
+            raise ValueError(f"{where}: cache_frozen=True keeps the output of frozen blocks, but freeze={freeze!r} "
+                             "freezes none; pass freeze=n (n >= 1 blocks, or 'all')")
+        return cache_dtype_of(cache_dtype, where)
+
+    def _through_cache(self, batch: Any, forward: Callable[[], Any]) -> Any:
+        """``forward()``, the model's forward on the collated ``batch``, through the frozen-prefix cache
+        when there is one."""
+        if self.prefix_cache is None:
+            return forward()
+        return self.prefix_cache.run(batch, forward)
+
     def _freeze_target(self) -> nn.Module:
         """The module whose blocks ``freeze=n`` freezes."""
         return self.model
@@ -661,17 +708,17 @@ class Trainer:
                                                                                  Optional[Tensor]]:
         """(fp32 mean loss, logits, labels) of one collated batch."""
         module = self.model if module is None else module
-        batch = to_device(batch, self.device)
+        keys, batch = batch, to_device(batch, self.device)  # the cache reads the host copy
         if self.fused_lm and isinstance(batch, dict):
             with self._autocast():
-                loss = fused_causal_lm_loss(module, batch)
+                loss = self._through_cache(keys, lambda: fused_causal_lm_loss(module, batch))
             if loss is not None:
                 return loss.float(), None, batch.get("labels")
         with self._autocast():
             if isinstance(batch, dict):
                 labels = batch.get("labels")
                 inputs = batch if self._takes_labels else {k: v for k, v in batch.items() if k != "labels"}
-                out = module(**inputs)
+                out = self._through_cache(keys, lambda: module(**inputs))
             else:
                 x, labels = batch
                 out = module(x)
@@ -801,9 +848,10 @@ class Trainer:
         out = []
         try:
             for i in range(0, len(examples), self.eval_batch_size):
-                batch = to_device(self.collate(examples[i:i + self.eval_batch_size]), self.device)
+                keys = self.collate(examples[i:i + self.eval_batch_size])
+                batch = to_device(keys, self.device)
                 with self._autocast():
-                    res = run(batch)
+                    res = self._through_cache(keys, lambda: run(batch))
                 out.append(model_output_field(res, "logits").float().cpu())
         finally:
             self.model.train(was_training)
