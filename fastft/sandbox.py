@@ -146,8 +146,9 @@ def _drop_privileges(libc, limits: dict, uid_sync) -> None:
             raise OSError("PID 1 did not map the program's user namespace")
         os.setresgid(0, 0, 0)
         os.setresuid(0, 0, 0)  # root of its namespace = SANDBOX_UID outside
-        if os.geteuid() != 0 or not os.path.exists("/proc/self/uid_map"):
-            raise OSError("could not leave uid 0")
+        with open("/proc/self/uid_map") as f:
+            if f.read().split()[:3] != ["0", str(SANDBOX_UID), "1"]:
+                raise OSError("could not leave uid 0")
     resource.setrlimit(resource.RLIMIT_NPROC, (limits["processes"], limits["processes"]))
     try:
         with open("/proc/sys/kernel/cap_last_cap") as f:
@@ -192,7 +193,7 @@ def _setup_pid1(libc, cfg: dict) -> dict:
     except OSError:
         held["pid_max"] = None
     work = cfg["workdir"]
-    owner = f",uid={SANDBOX_UID},gid={SANDBOX_UID}" if os.geteuid() == 0 else ""
+    owner = f",uid={SANDBOX_UID},gid={SANDBOX_UID}" if cfg["as_root"] else ""
     _mount(libc, "tmpfs", work, "tmpfs", MS_NOSUID | MS_NODEV, f"size={cfg['limits']['disk']},mode=0700{owner}")
     if cfg["python_mount"]:
         # The interpreter's folder may not be readable by SANDBOX_UID (pyenv under /root, say): show it
@@ -202,14 +203,14 @@ def _setup_pid1(libc, cfg: dict) -> dict:
     _remount_all_read_only(libc, keep_writable=(work, "/proc"))  # /proc: see _run_program
     held["read_only_file_system"] = True
     held["network_namespace"] = True
-    held["program_uid"] = SANDBOX_UID if os.geteuid() == 0 else "the caller's (in a user namespace)"
+    held["program_uid"] = SANDBOX_UID if cfg["as_root"] else "the caller's (in a user namespace)"
     held["nproc_enforced"] = True
     return held
 
 
 def _run_program(libc, cfg: dict, status_fd: int, held: dict) -> None:
     """Fork the program, wait for it (reaping orphans too when PID 1), report, exit."""
-    drop_root = cfg["isolated"] and os.geteuid() == 0
+    drop_root = cfg["isolated"] and cfg["as_root"]
     if cfg["isolated"] and not drop_root:
         _proc_read_only(libc)
     ready_r, ready_w = os.pipe() if drop_root else (None, None)
@@ -473,7 +474,7 @@ def _launch_and_wait(source: str, limits: Limits, isolated: bool, python: str) -
         read_fd, write_fd = os.pipe()
         cfg = {"status_fd": write_fd, "isolated": isolated, "workdir": work, "program": program,
                "exec_python": exec_python, "python_mount": python_mount, "env": env, "limits": lim,
-               "host_mnt_ns": _host_mnt_ns()}
+               "host_mnt_ns": _host_mnt_ns(), "as_root": os.geteuid() == 0}
         start = time.monotonic()
         try:
             proc = subprocess.Popen([python, "-I", "-S", "-B", _LAUNCHER, json.dumps(cfg)], cwd=base,

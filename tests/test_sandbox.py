@@ -250,3 +250,46 @@ def test_without_isolation_nothing_runs_unless_asked(monkeypatch):
         r = run_program("print(1)\n", require_isolation=False)
     assert r.passed and r.stdout == "1\n"
     assert any("WITHOUT isolation" in str(w.message) for w in caught)
+
+
+UNPRIVILEGED_DRIVER = """
+import json, sys
+sys.path.insert(0, sys.argv[1])
+import sandbox
+fork = ("import os, time\\nn = 0\\nfor _ in range(20):\\n    try:\\n        p = os.fork()\\n    except BlockingIOError:\\n"
+        "        break\\n    if p == 0:\\n        time.sleep(1)\\n        os._exit(0)\\n    n += 1\\nprint(n)\\n")
+out = {"isolation": sandbox.isolation(),
+       "fork": sandbox.run_program(fork, sandbox.Limits(processes=6)).stdout,
+       "net": sandbox.run_program("import socket\\nsocket.create_connection(('127.0.0.1', 9), timeout=2)\\n").reason,
+       "write": sandbox.run_program("open(%r, 'w').write('x')\\n" % (sys.argv[1] + '/escaped',)).reason}
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not os.path.exists("/usr/bin/setpriv") or not os.path.exists("/usr/bin/python3"),
+                    reason="needs root, setpriv and a system python to try the unprivileged path")
+def test_an_unprivileged_user_gets_the_same_isolation(tmp_path):
+    import json
+    import shutil
+    import tempfile
+
+    folder = tempfile.mkdtemp(prefix="fastft-sandbox-test-")
+    try:
+        os.chmod(folder, 0o777)
+        shutil.copy(sandbox.__file__, folder)
+        with open(os.path.join(folder, "driver.py"), "w") as f:
+            f.write(UNPRIVILEGED_DRIVER)
+        for name in os.listdir(folder):
+            os.chmod(os.path.join(folder, name), 0o644)
+        run = subprocess.run(["/usr/bin/setpriv", f"--reuid={sandbox.SANDBOX_UID}", f"--regid={sandbox.SANDBOX_UID}",
+                              "--clear-groups", "/usr/bin/python3", os.path.join(folder, "driver.py"), folder],
+                             capture_output=True, text=True, timeout=120, cwd="/")
+        if "refuses" in run.stderr or run.returncode != 0 and "SandboxError" in run.stderr:
+            pytest.skip(f"no user namespaces for unprivileged users here: {run.stderr[-300:]}")
+        out = json.loads(run.stdout.strip().splitlines()[-1])
+        assert out["isolation"]["isolated"] and out["isolation"]["nproc_enforced"]
+        assert out["fork"].strip() == "5"  # RLIMIT_NPROC binds inside its user namespace
+        assert "Network is unreachable" in out["net"]
+        assert "Read-only file system" in out["write"] and not os.path.exists(os.path.join(folder, "escaped"))
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
