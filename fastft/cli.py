@@ -60,6 +60,15 @@ string. Single-task form::
       epochs: 3                   # and annotated types; all but tokenizer (from model.path), output_dir
       lr: 5e-5                    # (top level) and progress (--no-progress)
       early_stopping: {patience: 2, monitor: val_loss}   # fastft.EarlyStopping's arguments
+      l2_init: 0.1                # EWC: L2-to-init weighted by a Fisher importance (Kirkpatrick et al. 2017):
+      l2_init_importance: fisher  #   fisher (estimated before training on importance_data) or a file of
+                                  #   importances keyed like the model's parameters (.safetensors, or a
+                                  #   torch.save'd dict name -> tensor, e.g. of fastft.estimate_fisher)
+      importance_data: {source: earlier_task.csv, max_examples: 200}   # labelled examples of the task
+                                  #   the model learnt before (a source as in data:, with max_examples,
+                                  #   text_column, label_column, max_chars); a string is the source alone;
+                                  #   with model.task: generate, texts of the pretraining distribution
+                                  #   (e.g. {source: oanc, max_examples: 200}) for the LM's own loss
     output_dir: runs/job          # optional: the run folder (metrics.jsonl, checkpoint/, model/,
                                   # curves.png, summary.json); needed for --resume
     continue_pretraining:         # optional: first adapt the model to domain text (its LM objective);
@@ -595,6 +604,12 @@ def _trainer_args(config: Dict[str, Any]) -> Dict[str, Any]:
     args = copy.deepcopy(config.get("trainer") or {})
     if isinstance(args.get("early_stopping"), dict):
         args["early_stopping"] = EarlyStopping(**args["early_stopping"])
+    importance = args.get("l2_init_importance")
+    if isinstance(importance, str) and importance != "fisher":
+        args["l2_init_importance"] = _load_importance(importance)
+    if args.get("importance_data") is not None:
+        generative = (config.get("model") or {}).get("task", "classify") == "generate"
+        args["importance_data"] = _importance_examples(args["importance_data"], labels=not generative)
     return args
 
 
@@ -653,6 +668,44 @@ def _generative_job(config: Dict[str, Any], out_dir: Optional[str], progress: bo
     _say(f"fastft: {kind} fine-tuning {Path(gguf or folder).name} on {len(train)} train / {len(val)} val / "
          f"{len(test)} test examples")
     return trainer, test
+
+
+def _load_importance(path: str) -> Dict[str, Any]:
+    """``trainer.l2_init_importance`` given as a file: ``{name: tensor}`` from safetensors or torch.save."""
+    import torch
+
+    where = "trainer.l2_init_importance"
+    if not Path(path).is_file():
+        raise ConfigError(f"{where} must be 'fisher' or a file of importances (.safetensors, or a torch.save'd dict "
+                          f"name -> tensor); {path!r} is neither")
+    try:
+        if path.endswith(".safetensors"):
+            from safetensors.torch import load_file
+
+            loaded = load_file(path)
+        else:
+            loaded = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ConfigError(f"{where}: cannot read {path}: {_one_line(e)}") from None
+    if not isinstance(loaded, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                               for k, v in loaded.items()):
+        raise ConfigError(f"{where}: {path} must hold a dict parameter name -> tensor")
+    return loaded
+
+
+def _importance_examples(section: Any, labels: bool) -> List[Any]:
+    """``trainer.importance_data``: a source (string) or a mapping with source, max_examples and the
+    column / max_chars keys of data:, read as labelled examples for a classifier (``labels``), as
+    texts for a language model (``model.task: generate``)."""
+    where = "trainer.importance_data"
+    cfg = {"source": section} if isinstance(section, str) else section
+    allowed = {k: _DATA_KEYS.get(k, int) for k in ("source", "max_examples", "text_column", "label_column",
+                                                   "max_chars")}
+    cfg = _check_section(cfg, allowed, where)
+    if "source" not in cfg:
+        raise ConfigError(f"{where} needs a source (a packaged corpus or a file of labelled examples)")
+    examples = _load_examples(cfg["source"], cfg, f"{where}.source", labels=labels)
+    return examples[: int(cfg["max_examples"])] if cfg.get("max_examples") else examples
 
 
 def _build_single(config: Dict[str, Any], out_dir: Optional[str], progress: bool, resume: bool):

@@ -478,6 +478,60 @@ abla_	heta \log p_	heta(y|x))^2]`,
     return normalise_importance({n: acc / count for (n, _), acc in zip(named, sums)}, "fastft.estimate_fisher")
 
 
+def check_importance_args(importance: Any, data: Any, l2_init: float, where: str) -> None:
+    """The checks of ``fastft.Trainer(l2_init_importance=..., importance_data=...)`` made before any work."""
+    if importance is None:
+        if data is not None:
+            raise ValueError(f"{where}: importance_data is only read with l2_init_importance='fisher'; set it, or drop "
+                             "importance_data")
+        return
+    if isinstance(importance, str):
+        if importance != "fisher":
+            raise ValueError(f"{where}: l2_init_importance must be 'fisher' (estimated on importance_data), a dict "
+                             f"name -> tensor (e.g. from fastft.estimate_fisher) or None, got {importance!r}")
+        if data is None:
+            raise ValueError(f"{where}: l2_init_importance='fisher' estimates the Fisher on importance_data: pass "
+                             "importance_data=<text of the pretraining distribution> (labelled examples of the "
+                             "earlier task for a classifier)")
+    elif not isinstance(importance, Mapping):
+        raise ValueError(f"{where}: l2_init_importance must be 'fisher', a dict name -> tensor or None, got "
+                         f"{type(importance).__name__}")
+    if not l2_init:
+        raise ValueError(f"{where}: l2_init_importance weights the L2-to-init pull, which l2_init=0 turns off; set "
+                         "l2_init > 0 (with a mean-1 importance, λ as for plain L2-to-init)")
+
+
+def anchored_importance(model: nn.Module, optimizer: Any, importance: Union[str, Mapping[str, Tensor]], data: Any,
+                        tokenizer: Any, max_length: Optional[int], where: str) -> Dict[Tensor, Tensor]:
+    """The importance of every parameter ``optimizer`` anchors (trainable, in a group with
+    ``l2_init > 0``), keyed by parameter for :meth:`fastft.AdamW.set_importance`: from a dict keyed
+    like ``model.named_parameters()`` (entries of other parameters ignored), or with ``"fisher"``
+    :func:`estimate_fisher` on ``data``, kept for the anchored parameters and normalised to mean 1
+    over them."""
+    named = dict(model.named_parameters())
+    anchored = {id(p) for g in optimizer.param_groups if float(g["l2_init"]) != 0.0
+                for p in g["params"] if p.requires_grad}
+    if isinstance(importance, str):
+        fisher = estimate_fisher(model, data, tokenizer, max_length=max_length or 128)
+        chosen = {n: f for n, f in fisher.items() if id(named[n]) in anchored}
+        if not chosen:
+            raise ValueError(f"{where}: no parameter the Fisher was estimated for is anchored by L2-to-init")
+        chosen = normalise_importance(chosen, where)
+    else:
+        unknown = [n for n in importance if n not in named]
+        if unknown:
+            raise ValueError(f"{where}: l2_init_importance names {len(unknown)} tensors that are not parameters of "
+                             f"{type(model).__name__} ({', '.join(map(str, unknown[:3]))}...); key it like "
+                             "model.named_parameters()")
+        for n, f in importance.items():
+            if not isinstance(f, Tensor) or tuple(f.shape) != tuple(named[n].shape):
+                got = f"shape {tuple(f.shape)}" if isinstance(f, Tensor) else type(f).__name__
+                raise ValueError(f"{where}: l2_init_importance[{n!r}] has {got}, the parameter shape "
+                                 f"{tuple(named[n].shape)}")
+        chosen = {n: f for n, f in importance.items() if id(named[n]) in anchored}
+    return {named[n]: f for n, f in chosen.items()}
+
+
 # --- WiSE-FT: interpolating fine-tuned and pretrained weights ------------------------------------------
 
 

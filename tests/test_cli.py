@@ -400,3 +400,22 @@ def test_summary_table_shows_the_run_metric_and_steps(capsys):
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].split() == ["epoch", "step", "val_loss", "val_f1"]
     assert lines[2].split() == ["1", "8", "0.6100", "0.7500"]
+
+
+def test_finetune_with_ewc_fisher_and_an_importance_file(tmp_path, capsys, tiny_model):
+    """trainer.l2_init_importance: fisher with importance_data (a source), or a file of importances."""
+    import torch
+
+    earlier = write_csv(tmp_path / "earlier.csv", 6, start=100)
+    config = tiny_job(tmp_path, tiny_model, trainer=f"l2_init: 0.1, l2_init_importance: fisher, "
+                                                     f"importance_data: {{source: {earlier}, max_examples: 4}}")
+    rc, _, err = finetune(capsys, config)
+    assert rc == 0, err
+    saved = tmp_path / "importance.pt"
+    torch.save({"encoder.embeddings.word_embeddings.weight": torch.rand(30522, 16)}, saved)
+    config = tiny_job(tmp_path, tiny_model, trainer=f"l2_init: 0.1, l2_init_importance: {saved}")
+    rc, _, err = finetune(capsys, config, "--overwrite")
+    assert rc == 0, err
+    config = tiny_job(tmp_path, tiny_model, trainer=f"l2_init: 0.1, l2_init_importance: {tmp_path / 'nope.pt'}")
+    rc, _, err = finetune(capsys, config, "--overwrite")
+    assert rc == 2 and "l2_init_importance must be 'fisher' or a file" in err

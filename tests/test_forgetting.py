@@ -382,3 +382,58 @@ def test_wise_ft_sweep_with_the_forgetting_monitor_on_a_language_model(tok):
     assert losses[0] == pytest.approx(base, rel=1e-5) and losses[2] == pytest.approx(tuned, rel=1e-6)
     assert losses[0] > losses[1] > losses[2]
     assert monitor.measure(model)["pretrain_loss"] == pytest.approx(tuned, rel=1e-6)
+
+
+# --- EWC in the Trainer --------------------------------------------------------------------------
+
+
+def test_trainer_fisher_importance_is_estimated_before_training_and_checkpointed(tmp_path, tok):
+    model = tiny_gpt2()
+    expected = fastft.estimate_fisher(copy.deepcopy(model), GENERAL[:6], tok, max_length=16)
+    trainer = fastft.Trainer(model, lm_task(tok), epochs=1, batch_size=8, lr=3e-3, metrics=(), progress=False, tokenizer=tok,
+                             l2_init=0.05, l2_init_importance="fisher", importance_data=GENERAL[:6], max_length=16,
+                             output_dir=str(tmp_path / "run"))
+    opt = trainer.optimizer
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(opt.state[p]["importance"], expected[name])
+    trainer.fit()
+    # The same run from the dict itself ends with the same weights, and a resumed trainer has the importances.
+    twin = tiny_gpt2()
+    fastft.Trainer(twin, lm_task(tok), epochs=1, batch_size=8, lr=3e-3, metrics=(), progress=False, tokenizer=tok, l2_init=0.05,
+                   l2_init_importance=expected, max_length=16).fit()
+    for a, b in zip(model.parameters(), twin.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    fresh = tiny_gpt2()
+    again = fastft.Trainer(fresh, lm_task(tok), epochs=1, batch_size=8, lr=3e-3, metrics=(), progress=False, tokenizer=tok,
+                           l2_init=0.05, max_length=16, output_dir=str(tmp_path / "run"))
+    again.resume()
+    for (name, p) in fresh.named_parameters():
+        torch.testing.assert_close(again.optimizer.state[p]["importance"], expected[name])
+
+
+def test_trainer_fisher_of_a_classifier_weighs_the_encoder_not_the_new_head(tok):
+    encoder = tiny_bert_mlm().bert
+    clf = fastft.SequenceClassifier(encoder, num_labels=2)
+    earlier = [(t, "pos" if y else "neg") for t, y in TASK[:10]]
+    trainer = fastft.Trainer(clf, TASK, epochs=1, batch_size=8, tokenizer=tok, progress=False, l2_init=0.1,
+                             l2_init_importance="fisher", importance_data=earlier, labels=["neg", "pos"])
+    state = trainer.optimizer.state
+    head = {id(p) for p in clf.head.parameters()}
+    weighted = [p for p in clf.parameters() if p in state and "importance" in state[p]]
+    assert weighted and not any(id(p) in head for p in weighted)
+    total = sum(float(state[p]["importance"].sum()) for p in weighted)
+    assert total / sum(p.numel() for p in weighted) == pytest.approx(1.0, rel=1e-5)
+    trainer.fit()
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(l2_init=0.1, importance_data=GENERAL), "only read with"),
+    (dict(l2_init=0.1, l2_init_importance="fisher"), "importance_data"),
+    (dict(l2_init=0.0, l2_init_importance="fisher", importance_data=GENERAL), "l2_init > 0"),
+    (dict(l2_init=0.1, l2_init_importance="ewc", importance_data=GENERAL), "'fisher'"),
+    (dict(l2_init=0.1, l2_init_importance={"no.such.weight": torch.ones(2)}), "no.such.weight"),
+    (dict(l2_init=0.1, l2_init_importance={"transformer.wte.weight": torch.ones(2)}), "shape"),
+])
+def test_trainer_importance_bad_input(tok, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        fastft.Trainer(tiny_gpt2(), lm_task(tok), epochs=1, batch_size=8, metrics=(), progress=False, **kwargs)

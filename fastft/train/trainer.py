@@ -12,7 +12,7 @@ import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -221,6 +221,17 @@ class Trainer:
         l2_init: L2-to-init strength λ (0 = off): pulls pretrained weights toward their values at
             the first step. Default 0.0.
         l2_init_mode: ``"decoupled"`` (``p -= lr·λ·(p - p0)``) or ``"coupled"`` (``g += 2λ(p - p0)``).
+        l2_init_importance: EWC (Kirkpatrick et al., 2017): weight the L2-to-init pull entry by entry,
+            ``λ·F⊙(p - p0)`` (:meth:`fastft.AdamW.set_importance`). A dict ``{name: F}`` keyed like
+            ``model.named_parameters()`` (e.g. from :func:`fastft.estimate_fisher`; entries of
+            parameters that are not anchored are ignored, anchored parameters missing from it keep
+            ``F = 1``), or ``"fisher"``: the empirical Fisher estimated at set-up, before any step, on
+            ``importance_data`` (per example, ``max_length`` tokens, default 128), normalised to mean 1
+            over the anchored parameters. Needs ``l2_init > 0``. None: plain L2-to-init.
+        importance_data: with ``l2_init_importance="fisher"``: the data the Fisher is estimated on —
+            texts of the pretraining distribution for a language model (its own LM loss), labelled
+            examples of the earlier task for a classifier (its task loss; names mapped with this
+            run's labels).
         freeze: freeze the embeddings and the lowest ``freeze`` blocks (:func:`fastft.freeze_layers`),
             ``"all"``: every block (only the head trains); None: nothing frozen. The plan is
             ``trainer.freeze_plan``.
@@ -326,7 +337,8 @@ class Trainer:
 
     def __init__(self, model: nn.Module, train_data: Any, val_data: Any = None, *, epochs: int = 3,
                  batch_size: int = 32, lr: float = 2e-5, weight_decay: float = 0.01, l2_init: float = 0.0,
-                 l2_init_mode: str = "decoupled", freeze: Optional[Union[int, str]] = None,
+                 l2_init_mode: str = "decoupled", l2_init_importance: Union[None, str, Mapping[str, Tensor]] = None,
+                 importance_data: Any = None, freeze: Optional[Union[int, str]] = None,
                  cache_frozen: bool = False, cache_dtype: Optional[str] = None, cache_memory_mb: float = 1024.0,
                  layerwise_lr_decay: Optional[float] = None, max_grad_norm: Optional[float] = 1.0,
                  warmup_ratio: float = 0.1, scheduler: str = "linear", gradient_accumulation: int = 1,
@@ -366,6 +378,9 @@ class Trainer:
         metrics = (metrics,) if isinstance(metrics, str) else (None if metrics is None else tuple(metrics))
         check_metric_names(metrics or (), where)
         cache_dtype = self._check_cache_args(freeze, cache_frozen, cache_dtype, cache_memory_mb)
+        from ..forgetting import anchored_importance, check_importance_args  # forgetting imports this module
+
+        check_importance_args(l2_init_importance, importance_data, l2_init, where)
         generation_metrics = (generation_metrics,) if isinstance(generation_metrics, str) else \
             tuple(generation_metrics or ())
         check_generation_metric_names(generation_metrics, where)
@@ -463,6 +478,12 @@ class Trainer:
                           "not pulled back to its random start", stacklevel=2)
         self.optimizer = AdamW(groups, lr=lr, weight_decay=weight_decay, l2_init=l2_init,
                                l2_init_mode=l2_init_mode, max_grad_norm=max_grad_norm)
+        if l2_init_importance is not None:
+            if isinstance(l2_init_importance, str) and lm_kind(self.model) is None:
+                importance_data = self.label_map.encode(self._examples(importance_data, "importance_data"),
+                                                        "importance_data", where)
+            self.optimizer.set_importance(anchored_importance(self.model, self.optimizer, l2_init_importance,
+                                                              importance_data, tokenizer, max_length, where))
         self.steps_per_epoch = math.ceil(self._batches_per_epoch() / gradient_accumulation)
         self.total_steps = self.steps_per_epoch * epochs
         warmup = int(self.total_steps * warmup_ratio)
