@@ -1,5 +1,7 @@
 """fastft.train.replay: replay mixing, its weighting rule, its checks."""
 
+import json
+
 import pytest
 import torch
 
@@ -136,3 +138,54 @@ def test_replay_run_resumes_with_its_loss_parts(tmp_path, tok):
         make(tmp_path / "b", [CrashAt()]).fit()
     resumed = make(tmp_path / "b").resume()
     assert resumed.history == full.history and "train_replay_loss" in full.history[-1]
+
+
+# --- Replay.from_model: the model's own samples ------------------------------------------------------
+
+
+def test_replay_from_model_samples_seeded_saves_and_reuses(tmp_path, tok, monkeypatch):
+    model = tiny_gpt2()
+    path = tmp_path / "run" / "replay_samples.json"
+    kw = dict(ratio=0.25, max_new_tokens=6, seed=3, batch_size=4, max_length=16)
+    replay = fastft.Replay.from_model(model, tok, 6, path=path, **kw)
+    assert len(replay.texts) + replay.generation["dropped"] == 6 and replay.texts
+    assert replay.generation["prompts"] == [[tok.cls_token_id]]  # no BOS / EOS in a BERT tokenizer: CLS starts
+    assert path.is_file() and json.loads(path.read_text())["texts"] == replay.texts
+    assert fastft.Replay.from_model(model, tok, 6, **kw).texts == replay.texts  # seeded
+    assert fastft.Replay.from_model(model, tok, 6, **{**kw, "seed": 4}).texts != replay.texts
+
+    from fastft import generation
+
+    def no_generation(*a, **k):
+        raise AssertionError("the saved samples must be read, not generated again")
+
+    monkeypatch.setattr(generation, "generate", no_generation)
+    again = fastft.Replay.from_model(model, tok, 6, path=path, **kw)
+    assert again.texts == replay.texts and again.ratio == 0.25 and again.max_length == 16
+    with pytest.raises(ValueError, match="other settings.*seed"):
+        fastft.Replay.from_model(model, tok, 6, path=path, **{**kw, "seed": 4})
+
+
+def test_replay_from_model_trains_on_its_samples(tok):
+    model = tiny_gpt2()
+    before = [p.detach().clone() for p in model.parameters()]
+    replay = fastft.Replay.from_model(model, tok, 4, ratio=0.25, max_new_tokens=8, prompts=["the weather", [101]],
+                                      max_length=16)
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before)) and model.training
+    assert replay.generation["prompts"] == ["the weather", [101]]
+    trainer = fastft.Trainer(model, lm_task(tok), epochs=1, batch_size=8, lr=1e-3, metrics=(), replay=replay,
+                             progress=False)
+    trainer.fit()
+    assert replay.seen == 2 * trainer.global_step
+
+
+@pytest.mark.parametrize("args, kwargs, match", [
+    ((0,), dict(ratio=0.25), "n must be"),
+    ((4,), dict(ratio=1.0), "ratio"),
+    ((4,), dict(ratio=0.25, weight=-1.0), "weight"),
+])
+def test_replay_from_model_bad_input(tok, args, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        fastft.Replay.from_model(tiny_gpt2(), tok, *args, **kwargs)
+    with pytest.raises(ValueError, match="causal LM"):
+        fastft.Replay.from_model(tiny_bert_mlm(), tok, 4, ratio=0.25)
