@@ -343,9 +343,27 @@ def load_tokenizer(path: Path) -> Any:
 
 def load_encoder(path: Path, encoder: Optional[nn.Module], where: str, **encoder_kwargs: Any) -> nn.Module:
     """The encoder saved in the fastft model folder ``path`` (``encoder/``; the top level in folders of
-    earlier versions), or ``encoder`` with ``encoder.safetensors`` loaded into it when present."""
+    earlier versions), or ``encoder`` with ``encoder.safetensors`` loaded into it when present. A
+    peft adapter in ``encoder/`` (a LoRA-trained encoder) is put on ``encoder`` (its base model) or,
+    without one, on the base model folder its adapter config names."""
     from safetensors.torch import load_model
 
+    adapter = path / ENCODER_DIR / "adapter_config.json"
+    if adapter.is_file():  # a peft (LoRA) encoder: the adapter, on its base model
+        from peft import PeftModel
+
+        if encoder is None:
+            import json
+
+            base = json.loads(adapter.read_text()).get("base_model_name_or_path")
+            if not base or not Path(base).is_dir():
+                raise FileNotFoundError(f"{where}: {path / ENCODER_DIR} is a peft adapter whose base model "
+                                        f"({base!r}) is not a folder here; pass encoder=<the base model> (loaded as "
+                                        "for training) to put the adapter on")
+            from transformers import AutoModel
+
+            encoder = AutoModel.from_pretrained(base, **encoder_kwargs)
+        return PeftModel.from_pretrained(encoder, str(path / ENCODER_DIR))
     if encoder is not None:
         if (path / ENCODER_WEIGHTS).is_file():
             load_model(encoder, str(path / ENCODER_WEIGHTS))

@@ -298,3 +298,25 @@ def test_generative_prompting_baseline(tok):
         fastft.evaluate_generation_prompting(model, tok, PC[:8], PC[8:], shots=(9,))
     with pytest.raises(ValueError, match="causal LM"):
         fastft.evaluate_generation_prompting(tiny_bert_mlm(), tok, PC[:8], PC[8:])
+
+
+def test_multitask_trainer_trains_a_lora_encoder_and_loads_it_back(tmp_path):
+    import transformers
+
+    from test_multitask import make_tasks
+
+    cfg = transformers.BertConfig(vocab_size=40, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                                  intermediate_size=32, max_position_embeddings=16)
+    torch.manual_seed(0)
+    encoder = peft.get_peft_model(transformers.BertModel(cfg), peft.LoraConfig(r=4, target_modules=["query", "value"]))
+    trainer = fastft.MultiTaskTrainer(encoder, make_tasks(), epochs=1, batch_size=8, lr=1e-2, progress=False,
+                                      output_dir=str(tmp_path), early_stopping=fastft.EarlyStopping(patience=2))
+    trainer.fit()
+    trainable = [p for p in trainer.model.parameters() if p.requires_grad]
+    assert len(trainer.optimizer.state) == len(trainable)  # the adapter and the heads, nothing of the base
+    assert (tmp_path / "model" / "encoder" / "adapter_config.json").is_file()
+    torch.manual_seed(0)
+    loaded = fastft.MultiTaskModel.from_pretrained(str(tmp_path / "model"), encoder=transformers.BertModel(cfg))
+    x = torch.randint(1, 40, (3, 6))
+    trainer.model.eval()
+    torch.testing.assert_close(loaded("a", input_ids=x).logits, trainer.model("a", input_ids=x).logits)
