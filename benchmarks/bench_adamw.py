@@ -9,6 +9,8 @@ Variants (each one optimizer step over a transformer-shaped parameter set):
   fastft_l2          fastft.AdamW, l2_init>0
   torch_clip_fused_l2  clip_grad_norm_ + torch fused + foreach L2-to-init
   fastft_l2_clip     fastft.AdamW, l2_init>0, max_grad_norm (fused clipping)
+  torch_fused_ewc    torch fused + the EWC term lr*l2*F*(p - p0) with torch._foreach_* ops
+  fastft_ewc         fastft.AdamW, l2_init>0, importances (set_importance) on every parameter
 
 Prints a table (median ms, GB/s, bytes/param, ratio to the torch baseline, fraction of copy
 bandwidth) and writes long-form CSV + JSON to benchmarks/results/.
@@ -125,12 +127,41 @@ def bench_size(name: str, device: torch.device, dtype: torch.dtype, reps: int, w
     record("fastft_l2_clip", opt.step, clip_bytes, "torch_clip_fused_l2")
     opt = params = None  # free the memory before the next variant
 
+    def importances(params):
+        g = torch.Generator(device=device).manual_seed(1)
+        return [torch.rand(p.shape, generator=g, device=device).mul_(2).to(dtype) for p in params]  # mean ~1
+
+    params = fresh()
+    opt = torch.optim.AdamW(params, lr=LR, weight_decay=0.01, fused=True)
+    anchors = [p.detach().clone() for p in params]
+    fishers = importances(params)
+    plain = [p.detach() for p in params]
+
+    @torch.no_grad()
+    def torch_fused_ewc():
+        drift = torch._foreach_sub(plain, anchors)
+        torch._foreach_mul_(drift, fishers)
+        opt.step()
+        torch._foreach_add_(plain, drift, alpha=-LR * L2)
+
+    # + read p, p0, write d; read d, F, write d; read d, p, write p
+    record("torch_fused_ewc", torch_fused_ewc, adam_bytes + 8 * elem)
+    opt = params = anchors = fishers = plain = None  # free the memory before the next variant
+
+    params = fresh()
+    opt = fastft.AdamW(params, lr=LR, weight_decay=0.01, l2_init=L2)
+    opt.set_importance(dict(zip(params, importances(params))))
+    record("fastft_ewc", opt.step, l2_bytes + elem, "torch_fused_ewc")  # + read F
+    opt = params = None  # free the memory before the next variant
+
     by_variant = {r["variant"]: r for r in rows}
     copy_gbps = by_variant["copy"]["gbps"]
     for r in rows:
         base = r["baseline"]
         r["speedup_vs_baseline"] = by_variant[base]["ms"] / r["ms"] if base else None
         r["fraction_of_copy_bw"] = r["gbps"] / copy_gbps
+    # EWC's cost over plain L2-to-init, both fastft (target <= 1.3x the time)
+    by_variant["fastft_ewc"]["time_vs_fastft_l2"] = by_variant["fastft_ewc"]["ms"] / by_variant["fastft_l2"]["ms"]
     return rows
 
 
@@ -171,7 +202,11 @@ def main(argv=None) -> int:
         ratio = f"{r['speedup_vs_baseline']:.2f}x" if r["speedup_vs_baseline"] else ""
         print(f"{r['size']:>5} {r['variant']:<20} {r['ms']:9.3f} {r['gbps']:8.1f} {r['bytes_per_param']:7d} "
               f"{ratio:>9} {r['fraction_of_copy_bw']:9.0%}")
-    print("ratios: fastft_l2_0 vs torch_fused; fastft_l2 vs torch_fused_l2; fastft_l2_clip vs torch_clip_fused_l2")
+    print("ratios: fastft_l2_0 vs torch_fused; fastft_l2 vs torch_fused_l2; fastft_l2_clip vs torch_clip_fused_l2; "
+          "fastft_ewc vs torch_fused_ewc")
+    for r in rows:
+        if "time_vs_fastft_l2" in r:
+            print(f"{r['size']}: fastft_ewc takes {r['time_vs_fastft_l2']:.2f}x the time of fastft_l2 (target <= 1.3x)")
 
     write_results(Path(args.out) / f"bench_adamw_{device.type}", rows, meta)
     return 0
