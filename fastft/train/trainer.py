@@ -825,7 +825,7 @@ class Trainer:
         from ..generation import generate
 
         order = list(range(len(data.prompts)))[self.rank::self.world_size]
-        kwargs = {"batch_size": self.eval_batch_size, **self.generation_kwargs}
+        kwargs = {"batch_size": self.eval_batch_size, "seed": self.seed, **self.generation_kwargs}
         mine = generate(self.model, self.tokenizer, [data.prompts[i] for i in order], **kwargs) if order else []
         predictions: List[Any] = [None] * len(data.prompts)
         for part_order, part in zip([list(range(len(data.prompts)))[r::self.world_size]
@@ -860,7 +860,7 @@ class Trainer:
                 p = self.tokenizer(render_chat_prompt(self.tokenizer, p), add_special_tokens=False)["input_ids"]
             rendered.append(p)
         return generate(self.model, self.tokenizer, rendered,
-                        **{"batch_size": self.eval_batch_size, **self.generation_kwargs, **kwargs})
+                        **{"batch_size": self.eval_batch_size, "seed": self.seed, **self.generation_kwargs, **kwargs})
 
     @torch.no_grad()
     def _predict_examples(self, examples: List[Any], run: Callable[[Any], Any]) -> Tensor:
