@@ -1,8 +1,9 @@
-// The op schemas of the `fastft` library and the `fastft._C` Python module (build facts only;
-// the kernels are reached through torch.ops.fastft, which dispatches CPU / CUDA by itself).
-#include <torch/extension.h>
+// The op schemas of the `fastft` library, registered through the stable ABI like the kernels; the
+// kernels are reached through torch.ops.fastft, which dispatches CPU / CUDA by itself. The `fastft._C`
+// Python module that loads them all is in module.cpp.
+#include "stable.h"
 
-TORCH_LIBRARY(fastft, m) {
+STABLE_TORCH_LIBRARY(fastft, m) {
   // One fused AdamW step with L2-to-init over a list of tensors of one (device, dtype) group.
   // Modelled on aten::_fused_adamw_, plus: anchors (p0, empty when l2_init == 0), l2_init and its mode,
   // state_steps incremented by the op itself (not when found_inf is set), and an optional clip
@@ -28,16 +29,4 @@ TORCH_LIBRARY(fastft, m) {
   // ignore_index or in [0, V) (checked by the caller). The GEMMs around it are the caller's.
   m.def("cross_entropy_rows_(Tensor(a!) logits, Tensor labels, Tensor? row_scale, float scale, int ignore_index, "
         "bool write_grad) -> Tensor");
-}
-
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "fastft compiled kernels (registered as torch.ops.fastft)";
-  m.attr("torch_version") = FASTFT_TORCH_VERSION;
-#ifdef FASTFT_WITH_CUDA
-  m.attr("cuda") = true;
-  m.attr("cuda_archs") = FASTFT_CUDA_ARCHS;
-#else
-  m.attr("cuda") = false;
-  m.attr("cuda_archs") = "";
-#endif
 }

@@ -73,10 +73,13 @@ def build_info() -> dict:
 
     Returns a dict with ``version`` (fastft), ``torch`` (the torch imported now), ``extension``
     (True when the compiled kernels are loaded; False means the pure-PyTorch reference runs),
-    ``cuda`` (True when CUDA kernels were compiled in), ``cuda_archs`` (the architectures they were
-    compiled for, e.g. ``"80,90"``), ``built_with_torch`` (the torch the extension was compiled
-    against, or None), ``kernel_devices`` (device types the kernels handle) and ``load_error``
-    (why the extension is not loaded, or None).
+    ``cuda`` (True when CUDA kernels were compiled in), ``cuda_archs`` (what they were compiled to,
+    e.g. ``"sm_80,sm_90,compute_90"``: SASS per ``sm_``, PTX for ``compute_``), ``cuda_version`` (the
+    CUDA toolkit they were built with, ``""`` without CUDA kernels), ``built_with_torch`` (the torch
+    the extension was compiled against, or None), ``min_torch`` (the oldest torch it loads under: its
+    stable ABI target), ``kernel_devices`` (device types the kernels handle), ``load_error`` (why the
+    extension is not loaded, or None) and ``cuda_error`` (why CUDA tensors do not use the compiled
+    CUDA kernels although they are built in, or None).
     """
     import torch
 
@@ -87,7 +90,10 @@ def build_info() -> dict:
         "extension": c is not None,
         "cuda": bool(c is not None and c.cuda),
         "cuda_archs": c.cuda_archs if c is not None else "",
+        "cuda_version": c.cuda_version if c is not None else "",
         "built_with_torch": c.torch_version if c is not None else None,
+        "min_torch": "{}.{}".format(*_ext.MIN_TORCH),
         "kernel_devices": sorted(_ext.KERNEL_DEVICES),
         "load_error": _ext.LOAD_ERROR,
+        "cuda_error": _ext.CUDA_ERROR,
     }

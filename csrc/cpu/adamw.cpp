@@ -1,12 +1,7 @@
 // CPU kernels of the AdamW family: the fused AdamW + L2-to-init step and the sum of squares used by
 // fused gradient clipping. One call covers all tensors of a (device, dtype) group: the tensors are cut
-// into chunks, at::parallel_for spreads the chunks (not the tensors) over the threads, and each chunk
+// into chunks, torch::stable::parallel_for spreads the chunks (not the tensors) over the threads, and each chunk
 // is one vectorised pass over memory (reads p, g, m, v [, vmax] [, p0]; writes p, m, v [, vmax] [, g]).
-#include <ATen/Dispatch.h>
-#include <ATen/Parallel.h>
-#include <ATen/OpMathType.h>
-#include <torch/library.h>
-
 #include <algorithm>
 #include <cmath>
 
@@ -24,7 +19,7 @@ struct WorkItem {
   int64_t end;
 };
 
-std::vector<WorkItem> make_work(const std::vector<at::Tensor>& tensors) {
+std::vector<WorkItem> make_work(const std::vector<Tensor>& tensors) {
   std::vector<WorkItem> work;
   for (int64_t t = 0; t < static_cast<int64_t>(tensors.size()); ++t) {
     const int64_t n = tensors[t].numel();
@@ -105,14 +100,22 @@ FASTFT_TARGET_AVX512 void adamw_chunk_avx512(scalar_t* p, scalar_t* g, scalar_t*
 }
 #endif
 
+// The data pointers of one list, taken once per call (each is a call into torch through the stable ABI).
+template <typename T>
+std::vector<T*> data_ptrs(const std::vector<Tensor>& tensors) {
+  std::vector<T*> ptrs(tensors.size());
+  for (size_t t = 0; t < tensors.size(); ++t) ptrs[t] = static_cast<T*>(tensors[t].mutable_data_ptr());
+  return ptrs;
+}
+
 template <typename scalar_t, typename anchor_t, bool AMSGRAD, bool STORE_GRAD, bool ANCHOR>
-void adamw_group(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& grads,
-                 const std::vector<at::Tensor>& exp_avgs, const std::vector<at::Tensor>& exp_avg_sqs,
-                 const std::vector<at::Tensor>& max_exp_avg_sqs, const std::vector<at::Tensor>& anchors,
-                 const std::vector<at::opmath_type<scalar_t>>& steps, double lr, double beta1, double beta2,
+void adamw_group(const std::vector<Tensor>& params, const std::vector<Tensor>& grads,
+                 const std::vector<Tensor>& exp_avgs, const std::vector<Tensor>& exp_avg_sqs,
+                 const std::vector<Tensor>& max_exp_avg_sqs, const std::vector<Tensor>& anchors,
+                 const std::vector<opmath_type<scalar_t>>& steps, double lr, double beta1, double beta2,
                  double weight_decay, double eps, double l2_init, bool coupled, bool maximize,
                  double inv_grad_scale, double clip_coef) {
-  using opmath_t = at::opmath_type<scalar_t>;
+  using opmath_t = opmath_type<scalar_t>;
   std::vector<StepConsts<opmath_t>> consts(params.size());
   for (size_t t = 0; t < params.size(); ++t) {
     const double step = steps[t];
@@ -131,21 +134,22 @@ void adamw_group(const std::vector<at::Tensor>& params, const std::vector<at::Te
     c.eps = static_cast<opmath_t>(eps);
   }
   const auto work = make_work(params);
+  const auto p = data_ptrs<scalar_t>(params), g = data_ptrs<scalar_t>(grads), m = data_ptrs<scalar_t>(exp_avgs),
+             v = data_ptrs<scalar_t>(exp_avg_sqs);
+  const auto vmax = AMSGRAD ? data_ptrs<scalar_t>(max_exp_avg_sqs) : std::vector<scalar_t*>{};
+  const auto a = ANCHOR ? data_ptrs<anchor_t>(anchors) : std::vector<anchor_t*>{};
   auto chunk_fn = &adamw_chunk_generic<scalar_t, anchor_t, opmath_t, AMSGRAD, STORE_GRAD, ANCHOR>;
 #ifdef FASTFT_CPU_DISPATCH
   if (cpu_has_avx512()) chunk_fn = &adamw_chunk_avx512<scalar_t, anchor_t, opmath_t, AMSGRAD, STORE_GRAD, ANCHOR>;
   else if (cpu_has_avx2()) chunk_fn = &adamw_chunk_avx2<scalar_t, anchor_t, opmath_t, AMSGRAD, STORE_GRAD, ANCHOR>;
 #endif
-  at::parallel_for(0, static_cast<int64_t>(work.size()), 1, [&](int64_t begin, int64_t end) {
+  torch::stable::parallel_for(0, static_cast<int64_t>(work.size()), 1, [&](int64_t begin, int64_t end) {
     for (int64_t w = begin; w < end; ++w) {
       const auto& item = work[w];
       const auto t = item.tensor;
       const auto off = item.begin;
-      scalar_t* p = params[t].data_ptr<scalar_t>() + off;
-      const anchor_t* a = ANCHOR ? anchors[t].data_ptr<anchor_t>() + off : nullptr;
-      scalar_t* vmax = AMSGRAD ? max_exp_avg_sqs[t].data_ptr<scalar_t>() + off : nullptr;
-      chunk_fn(p, grads[t].data_ptr<scalar_t>() + off, exp_avgs[t].data_ptr<scalar_t>() + off,
-               exp_avg_sqs[t].data_ptr<scalar_t>() + off, vmax, a, item.end - item.begin, consts[t]);
+      chunk_fn(p[t] + off, g[t] + off, m[t] + off, v[t] + off, AMSGRAD ? vmax[t] + off : nullptr,
+               ANCHOR ? a[t] + off : nullptr, item.end - item.begin, consts[t]);
     }
   });
 }
@@ -161,51 +165,53 @@ void adamw_dispatch_flags(std::initializer_list<bool> flags, auto&&... args) {
   }
 }
 
-void adamw_l2init_cpu(at::TensorList params_, at::TensorList grads_, at::TensorList exp_avgs_,
-                      at::TensorList exp_avg_sqs_, at::TensorList max_exp_avg_sqs_, at::TensorList state_steps_,
-                      at::TensorList anchors_, double lr, double beta1, double beta2, double weight_decay, double eps,
-                      double l2_init, bool coupled, bool amsgrad, bool maximize,
-                      const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
-                      const std::optional<at::Tensor>& clip_coef) {
-  const std::vector<at::Tensor> params = params_.vec(), grads = grads_.vec(), exp_avgs = exp_avgs_.vec(),
-                                exp_avg_sqs = exp_avg_sqs_.vec(), max_exp_avg_sqs = max_exp_avg_sqs_.vec(),
-                                state_steps = state_steps_.vec();
-  // With l2_init == 0 the anchors are never read: drop them so the loop aliases p instead.
-  const std::vector<at::Tensor> anchors = l2_init == 0.0 ? std::vector<at::Tensor>{} : anchors_.vec();
-  check_adamw_args(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, anchors_.vec(), amsgrad, l2_init);
+float read_scalar(const Tensor& t) { return *static_cast<const float*>(t.const_data_ptr()); }
+
+void adamw_l2init_cpu(const std::vector<Tensor>& params, const std::vector<Tensor>& grads,
+                      const std::vector<Tensor>& exp_avgs, const std::vector<Tensor>& exp_avg_sqs,
+                      const std::vector<Tensor>& max_exp_avg_sqs, const std::vector<Tensor>& state_steps,
+                      const std::vector<Tensor>& anchors_, double lr, double beta1, double beta2, double weight_decay,
+                      double eps, double l2_init, bool coupled, bool amsgrad, bool maximize,
+                      const std::optional<Tensor>& grad_scale, const std::optional<Tensor>& found_inf,
+                      const std::optional<Tensor>& clip_coef) {
+  check_adamw_args(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, anchors_, amsgrad, l2_init);
   if (params.empty()) return;
-  const auto device = params[0].device();
+  // With l2_init == 0 the anchors are never read: drop them so the loop aliases p instead.
+  const std::vector<Tensor> anchors = l2_init == 0.0 ? std::vector<Tensor>{} : anchors_;
+  const Device device = params[0].device();
   check_scalar_arg(grad_scale, device, "grad_scale");
   check_scalar_arg(found_inf, device, "found_inf");
   check_scalar_arg(clip_coef, device, "clip_coef");
-  if (found_inf.has_value() && found_inf->item<float>() != 0.0f) return;  // skipped step: nothing changes
+  if (found_inf.has_value() && read_scalar(*found_inf) != 0.0f) return;  // skipped step: nothing changes
 
-  const double inv_grad_scale = grad_scale.has_value() ? 1.0 / grad_scale->item<float>() : 1.0;
-  const double clip = clip_coef.has_value() ? clip_coef->item<float>() : 1.0;
-  const auto dtype = params[0].scalar_type();
-  const auto anchor_dtype = anchors.empty() ? dtype : anchors[0].scalar_type();
+  const double inv_grad_scale = grad_scale.has_value() ? 1.0 / read_scalar(*grad_scale) : 1.0;
+  const double clip = clip_coef.has_value() ? read_scalar(*clip_coef) : 1.0;
+  const ScalarType dtype = params[0].scalar_type();
+  const ScalarType anchor_dtype = anchors.empty() ? dtype : anchors[0].scalar_type();
   for (const auto& a : anchors)
-    TORCH_CHECK(a.scalar_type() == anchor_dtype, "fastft.adamw_l2init_: all anchors of one call must share a dtype");
+    STD_TORCH_CHECK(a.scalar_type() == anchor_dtype,
+                    "fastft.adamw_l2init_: all anchors of one call must share a dtype");
 
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "fastft_adamw_l2init_cpu", [&] {
-    using opmath_t = at::opmath_type<scalar_t>;
+  dispatch_floating(dtype, "fastft.adamw_l2init_", [&](auto scalar_tag) {
+    using scalar_t = decltype(scalar_tag);
+    using opmath_t = opmath_type<scalar_t>;
     std::vector<opmath_t> steps(params.size());
     for (size_t t = 0; t < params.size(); ++t) {
-      float* s = state_steps[t].data_ptr<float>();
+      float* s = static_cast<float*>(state_steps[t].mutable_data_ptr());
       *s += 1.0f;
       steps[t] = static_cast<opmath_t>(*s);
     }
     const bool store_grad = grad_scale.has_value();
     auto run = [&](auto anchor_tag) {
       using anchor_t = decltype(anchor_tag);
-      adamw_dispatch_flags<scalar_t, anchor_t>({amsgrad, store_grad, !anchors.empty()}, params, grads, exp_avgs, exp_avg_sqs,
-                                               max_exp_avg_sqs, anchors, steps, lr, beta1, beta2, weight_decay, eps,
-                                               l2_init, coupled, maximize, inv_grad_scale, clip);
+      adamw_dispatch_flags<scalar_t, anchor_t>({amsgrad, store_grad, !anchors.empty()}, params, grads, exp_avgs,
+                                               exp_avg_sqs, max_exp_avg_sqs, anchors, steps, lr, beta1, beta2,
+                                               weight_decay, eps, l2_init, coupled, maximize, inv_grad_scale, clip);
     };
     if (anchors.empty() || anchor_dtype == dtype) run(scalar_t{});
-    else if (anchor_dtype == at::kFloat) run(float{});
-    else if (anchor_dtype == at::kBFloat16) run(at::BFloat16{});
-    else run(at::Half{});
+    else if (anchor_dtype == ScalarType::Float) run(float{});
+    else if (anchor_dtype == ScalarType::BFloat16) run(BFloat16{});
+    else run(Half{});
   });
 }
 
@@ -236,39 +242,41 @@ FASTFT_TARGET_AVX2 acc_t sum_sq_avx2(const scalar_t* x, int64_t n) {
 }
 #endif
 
-at::Tensor sum_of_squares_cpu(at::TensorList tensors_) {
-  const std::vector<at::Tensor> tensors = tensors_.vec();
+Tensor sum_of_squares_cpu(const std::vector<Tensor>& tensors) {
   check_sum_of_squares_args(tensors);
-  const auto dtype = tensors[0].scalar_type();
-  const auto acc_dtype = dtype == at::kDouble ? at::kDouble : at::kFloat;
-  at::Tensor out = at::empty({}, tensors[0].options().dtype(acc_dtype));
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "fastft_sum_of_squares_cpu", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
+  const ScalarType dtype = tensors[0].scalar_type();
+  const ScalarType acc_dtype = dtype == ScalarType::Double ? ScalarType::Double : ScalarType::Float;
+  Tensor out = empty_like_device(tensors[0], {}, acc_dtype);
+  dispatch_floating(dtype, "fastft.sum_of_squares", [&](auto scalar_tag) {
+    using scalar_t = decltype(scalar_tag);
+    using acc_t = opmath_type<scalar_t>;
     const auto work = make_work(tensors);
+    std::vector<const scalar_t*> x(tensors.size());
+    for (size_t t = 0; t < tensors.size(); ++t) x[t] = static_cast<const scalar_t*>(tensors[t].const_data_ptr());
     auto fn = &sum_sq_generic<scalar_t, acc_t>;
 #ifdef FASTFT_CPU_DISPATCH
     if (cpu_has_avx2()) fn = &sum_sq_avx2<scalar_t, acc_t>;
 #endif
     // Partial sums per work item, added in a fixed order: the result does not depend on the thread count.
     std::vector<acc_t> partial(work.size(), acc_t(0));
-    at::parallel_for(0, static_cast<int64_t>(work.size()), 1, [&](int64_t begin, int64_t end) {
+    torch::stable::parallel_for(0, static_cast<int64_t>(work.size()), 1, [&](int64_t begin, int64_t end) {
       for (int64_t w = begin; w < end; ++w) {
         const auto& item = work[w];
-        partial[w] = fn(tensors[item.tensor].data_ptr<scalar_t>() + item.begin, item.end - item.begin);
+        partial[w] = fn(x[item.tensor] + item.begin, item.end - item.begin);
       }
     });
     acc_t total = 0;
-    for (acc_t x : partial) total += x;
-    out.fill_(total);
+    for (acc_t p : partial) total += p;
+    *static_cast<acc_t*>(out.mutable_data_ptr()) = total;
   });
   return out;
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(fastft, CPU, m) {
-  m.impl("adamw_l2init_", &adamw_l2init_cpu);
-  m.impl("sum_of_squares", &sum_of_squares_cpu);
+STABLE_TORCH_LIBRARY_IMPL(fastft, CPU, m) {
+  m.impl("adamw_l2init_", TORCH_BOX(&adamw_l2init_cpu));
+  m.impl("sum_of_squares", TORCH_BOX(&sum_of_squares_cpu));
 }
 
 }  // namespace fastft

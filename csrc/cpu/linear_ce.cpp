@@ -1,11 +1,7 @@
 // CPU kernel of the fused cross-entropy rows: for each row of a float32 logits chunk [n, V], the
 // log-sum-exp, the loss against its label and, in place, the gradient (softmax - onehot) * w_r.
 // Three passes over a row (max, sum of exp, gradient) that stay in cache for the row's V floats;
-// rows run in parallel. The GEMMs that make and consume the chunk are ATen's (the caller's).
-#include <ATen/Parallel.h>
-#include <ATen/ops/empty.h>
-#include <torch/library.h>
-
+// rows run in parallel. The GEMMs that make and consume the chunk are the caller's (torch's).
 #include <cmath>
 #include <cstdint>
 #include <limits>
@@ -105,20 +101,19 @@ FASTFT_TARGET_AVX512 void rows_avx512(float* x, const int64_t* labels, const flo
 }
 #endif
 
-at::Tensor cross_entropy_rows_cpu(at::Tensor& logits, const at::Tensor& labels,
-                                  const std::optional<at::Tensor>& row_scale, double scale, int64_t ignore_index,
-                                  bool write_grad) {
+Tensor cross_entropy_rows_cpu(const Tensor& logits, const Tensor& labels, const std::optional<Tensor>& row_scale,
+                              double scale, int64_t ignore_index, bool write_grad) {
   check_cross_entropy_rows(logits, labels, row_scale);
   const int64_t n = logits.size(0), V = logits.size(1);
-  at::Tensor loss = at::empty({n}, logits.options());
+  Tensor loss = empty_like_device(logits, {n});
   if (n == 0) return loss;
-  TORCH_CHECK(V > 0, "fastft.cross_entropy_rows_: the vocabulary is empty");
-  const at::Tensor lab = labels.contiguous();
-  const at::Tensor rs = row_scale.has_value() ? row_scale->contiguous() : at::Tensor();
-  float* x = logits.mutable_data_ptr<float>();
-  const int64_t* lp = lab.const_data_ptr<int64_t>();
-  const float* sp = rs.defined() ? rs.const_data_ptr<float>() : nullptr;
-  float* lo = loss.mutable_data_ptr<float>();
+  STD_TORCH_CHECK(V > 0, "fastft.cross_entropy_rows_: the vocabulary is empty");
+  const Tensor lab = as_contiguous(labels);
+  const Tensor rs = row_scale.has_value() ? as_contiguous(*row_scale) : lab;  // lab: a placeholder, never read
+  float* x = static_cast<float*>(logits.mutable_data_ptr());
+  const int64_t* lp = static_cast<const int64_t*>(lab.const_data_ptr());
+  const float* sp = row_scale.has_value() ? static_cast<const float*>(rs.const_data_ptr()) : nullptr;
+  float* lo = static_cast<float*>(loss.mutable_data_ptr());
   RowsFn fn = &rows_generic;
 #ifdef FASTFT_CPU_DISPATCH
   if (cpu_has_avx512())
@@ -128,13 +123,13 @@ at::Tensor cross_entropy_rows_cpu(at::Tensor& logits, const at::Tensor& labels,
 #endif
   const auto s = static_cast<float>(scale);
   const int64_t grain = std::max<int64_t>(1, 32768 / V);  // a row of a real vocabulary is work enough
-  at::parallel_for(0, n, grain,
+  torch::stable::parallel_for(0, n, grain,
                    [&](int64_t r0, int64_t r1) { fn(x, lp, sp, s, ignore_index, write_grad, lo, V, r0, r1); });
   return loss;
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(fastft, CPU, m) { m.impl("cross_entropy_rows_", &cross_entropy_rows_cpu); }
+STABLE_TORCH_LIBRARY_IMPL(fastft, CPU, m) { m.impl("cross_entropy_rows_", TORCH_BOX(&cross_entropy_rows_cpu)); }
 
 }  // namespace fastft

@@ -1,12 +1,6 @@
 // CPU kernels of masked pooling: forward (mean, max, cls, last) over hidden [B, T, H] with a
 // [B, T] mask, and the fused backward that writes d hidden in one pass. The forward reads only the
 // real tokens' rows (padding is never touched) and never builds a [B, T, H] temporary.
-#include <ATen/Dispatch.h>
-#include <ATen/OpMathType.h>
-#include <ATen/Parallel.h>
-#include <ATen/ops/zeros.h>
-#include <torch/library.h>
-
 #include <cmath>
 #include <vector>
 
@@ -77,19 +71,18 @@ std::vector<int64_t> chosen_tokens(const bool* mask, int64_t B, int64_t T, PoolM
 }
 
 template <typename scalar_t>
-void pool_forward_kernel(const at::Tensor& hidden, const bool* mask, PoolMode mode, at::Tensor& out,
-                         at::Tensor& index) {
-  using acc_t = at::opmath_type<scalar_t>;
+void pool_forward_kernel(const Tensor& hidden, const bool* mask, PoolMode mode, Tensor& out, Tensor& index) {
+  using acc_t = opmath_type<scalar_t>;
   const int64_t B = hidden.size(0), T = hidden.size(1), H = hidden.size(2);
   const int64_t sB = hidden.stride(0), sT = hidden.stride(1), sH = hidden.stride(2);
-  const scalar_t* x = hidden.const_data_ptr<scalar_t>();
-  scalar_t* y = out.mutable_data_ptr<scalar_t>();  // contiguous [B, H]
+  const scalar_t* x = static_cast<const scalar_t*>(hidden.const_data_ptr());
+  scalar_t* y = static_cast<scalar_t*>(out.mutable_data_ptr());  // contiguous [B, H]
 
   if (mode == PoolMode::Cls || mode == PoolMode::Last) {
     const auto idx = chosen_tokens(mask, B, T, mode);
-    int64_t* ip = index.mutable_data_ptr<int64_t>();
+    int64_t* ip = static_cast<int64_t*>(index.mutable_data_ptr());
     // A row copy is tiny: only spread rows over threads when there are many elements to copy.
-    at::parallel_for(0, B, std::max<int64_t>(1, 65536 / std::max<int64_t>(H, 1)), [&](int64_t b0, int64_t b1) {
+    torch::stable::parallel_for(0, B, std::max<int64_t>(1, 65536 / std::max<int64_t>(H, 1)), [&](int64_t b0, int64_t b1) {
       for (int64_t b = b0; b < b1; ++b) {
         ip[b] = idx[b];
         scalar_t* yr = y + b * H;
@@ -105,7 +98,7 @@ void pool_forward_kernel(const at::Tensor& hidden, const bool* mask, PoolMode mo
   }
 
   const int64_t blocks = (H + kFeatureBlock - 1) / kFeatureBlock;
-  int64_t* ip = mode == PoolMode::Max ? index.mutable_data_ptr<int64_t>() : nullptr;
+  int64_t* ip = mode == PoolMode::Max ? static_cast<int64_t*>(index.mutable_data_ptr()) : nullptr;
   auto add_fn = &add_row_generic<scalar_t, acc_t>;
   auto max_fn = &max_row_generic<scalar_t, acc_t>;
 #ifdef FASTFT_CPU_DISPATCH
@@ -115,7 +108,7 @@ void pool_forward_kernel(const at::Tensor& hidden, const bool* mask, PoolMode mo
   }
 #endif
   const int64_t grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(T * std::min(H, kFeatureBlock), 1));
-  at::parallel_for(0, B * blocks, grain, [&](int64_t w0, int64_t w1) {
+  torch::stable::parallel_for(0, B * blocks, grain, [&](int64_t w0, int64_t w1) {
     std::vector<acc_t> acc_buf(std::min(H, kFeatureBlock));
     std::vector<int64_t> arg_buf(mode == PoolMode::Max ? acc_buf.size() : 0);
     std::vector<scalar_t> gather(sH == 1 ? 0 : acc_buf.size());
@@ -168,25 +161,25 @@ void pool_forward_kernel(const at::Tensor& hidden, const bool* mask, PoolMode mo
   });
 }
 
-std::tuple<at::Tensor, at::Tensor> masked_pool_cpu(const at::Tensor& hidden, const std::optional<at::Tensor>& mask,
-                                                   c10::string_view mode_name) {
-  const PoolMode mode = parse_pool_mode(std::string_view(mode_name.data(), mode_name.size()));
-  const at::Tensor m = check_pool_inputs(hidden, mask);
-  at::Tensor out = at::empty({hidden.size(0), hidden.size(2)}, hidden.options());
-  at::Tensor index = make_pool_index(hidden, mode);
-  const bool* mp = m.defined() ? m.const_data_ptr<bool>() : nullptr;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, hidden.scalar_type(), "fastft_masked_pool_cpu",
-                                  [&] { pool_forward_kernel<scalar_t>(hidden, mp, mode, out, index); });
+std::tuple<Tensor, Tensor> masked_pool_cpu(const Tensor& hidden, const std::optional<Tensor>& mask,
+                                           const std::string& mode_name) {
+  const PoolMode mode = parse_pool_mode(mode_name);
+  const std::optional<Tensor> m = check_pool_inputs(hidden, mask);
+  Tensor out = empty_like_device(hidden, {hidden.size(0), hidden.size(2)});
+  Tensor index = make_pool_index(hidden, mode);
+  const bool* mp = m.has_value() ? static_cast<const bool*>(m->const_data_ptr()) : nullptr;
+  dispatch_floating(hidden.scalar_type(), "fastft.pool", [&](auto scalar_tag) {
+    pool_forward_kernel<decltype(scalar_tag)>(hidden, mp, mode, out, index);
+  });
   return {out, index};
 }
 
 template <typename scalar_t>
-void pool_backward_kernel(const at::Tensor& grad, const bool* mask, const at::Tensor& index, PoolMode mode,
-                          at::Tensor& gx) {
-  using acc_t = at::opmath_type<scalar_t>;
+void pool_backward_kernel(const Tensor& grad, const bool* mask, const Tensor& index, PoolMode mode, Tensor& gx) {
+  using acc_t = opmath_type<scalar_t>;
   const int64_t B = gx.size(0), T = gx.size(1), H = gx.size(2);
-  const scalar_t* g = grad.const_data_ptr<scalar_t>();  // contiguous [B, H]
-  scalar_t* out = gx.mutable_data_ptr<scalar_t>();      // contiguous [B, T, H]
+  const scalar_t* g = static_cast<const scalar_t*>(grad.const_data_ptr());  // contiguous [B, H]
+  scalar_t* out = static_cast<scalar_t*>(gx.mutable_data_ptr());            // contiguous [B, T, H]
   std::vector<acc_t> inv_count;
   if (mode == PoolMode::Mean) {
     inv_count.resize(B);
@@ -199,9 +192,9 @@ void pool_backward_kernel(const at::Tensor& grad, const bool* mask, const at::Te
       inv_count[b] = c > 0 ? acc_t(1) / static_cast<acc_t>(c) : acc_t(0);
     }
   }
-  const int64_t* ip = index.numel() > 0 ? index.const_data_ptr<int64_t>() : nullptr;
+  const int64_t* ip = index.numel() > 0 ? static_cast<const int64_t*>(index.const_data_ptr()) : nullptr;
   // One pass over d hidden, row by row: every element is written exactly once.
-  at::parallel_for(0, B * T, std::max<int64_t>(1, 16384 / std::max<int64_t>(H, 1)), [&](int64_t r0, int64_t r1) {
+  torch::stable::parallel_for(0, B * T, std::max<int64_t>(1, 16384 / std::max<int64_t>(H, 1)), [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
       const int64_t b = r / T, t = r % T;
       scalar_t* o = out + r * H;
@@ -228,26 +221,27 @@ void pool_backward_kernel(const at::Tensor& grad, const bool* mask, const at::Te
   });
 }
 
-at::Tensor masked_pool_backward_cpu(const at::Tensor& grad_, const std::optional<at::Tensor>& mask,
-                                    const at::Tensor& index, c10::string_view mode_name, int64_t T) {
-  const PoolMode mode = parse_pool_mode(std::string_view(mode_name.data(), mode_name.size()));
-  const at::Tensor m = bool_mask(mask);
+Tensor masked_pool_backward_cpu(const Tensor& grad_, const std::optional<Tensor>& mask, const Tensor& index,
+                                const std::string& mode_name, int64_t T) {
+  const PoolMode mode = parse_pool_mode(mode_name);
+  const std::optional<Tensor> m = bool_mask(mask);
   check_pool_backward_inputs(grad_, m, index, mode, T);
-  const at::Tensor grad = grad_.contiguous();
-  const at::Tensor idx = index.contiguous();
-  at::Tensor gx = at::empty({grad.size(0), T, grad.size(1)}, grad.options());
+  const Tensor grad = as_contiguous(grad_);
+  const Tensor idx = as_contiguous(index);
+  Tensor gx = empty_like_device(grad, {grad.size(0), T, grad.size(1)});
   if (gx.numel() == 0) return gx;
-  const bool* mp = m.defined() ? m.const_data_ptr<bool>() : nullptr;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "fastft_masked_pool_backward_cpu",
-                                  [&] { pool_backward_kernel<scalar_t>(grad, mp, idx, mode, gx); });
+  const bool* mp = m.has_value() ? static_cast<const bool*>(m->const_data_ptr()) : nullptr;
+  dispatch_floating(grad.scalar_type(), "fastft.pool backward", [&](auto scalar_tag) {
+    pool_backward_kernel<decltype(scalar_tag)>(grad, mp, idx, mode, gx);
+  });
   return gx;
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(fastft, CPU, m) {
-  m.impl("masked_pool", &masked_pool_cpu);
-  m.impl("masked_pool_backward", &masked_pool_backward_cpu);
+STABLE_TORCH_LIBRARY_IMPL(fastft, CPU, m) {
+  m.impl("masked_pool", TORCH_BOX(&masked_pool_cpu));
+  m.impl("masked_pool_backward", TORCH_BOX(&masked_pool_backward_cpu));
 }
 
 }  // namespace fastft

@@ -1,15 +1,10 @@
 // CUDA kernels of the AdamW family: the fused AdamW + L2-to-init step and the sum of squares used by
 // fused gradient clipping, both as multi-tensor apply over a (device, dtype) group.
-#include <ATen/Dispatch.h>
-#include <ATen/OpMathType.h>
-#include <ATen/ops/_foreach_add.h>
-#include <ATen/ops/empty.h>
-#include <ATen/ops/sum.h>
-#include <ATen/ops/zeros.h>
-#include <torch/library.h>
+#include <type_traits>
 
 #include "../adamw.h"
 #include "multi_tensor_apply.cuh"
+#include "runtime.cuh"
 #include "vec.cuh"
 
 namespace fastft {
@@ -67,7 +62,7 @@ template <typename scalar_t, typename anchor_t, bool AMSGRAD, bool STORE_GRAD, b
 __global__ void __launch_bounds__(kBlockSize) adamw_l2init_kernel(TensorListMeta<6> meta, AdamWHyper h,
                                                                     const float* grad_scale, const float* found_inf,
                                                                     const float* clip_coef) {
-  using opmath_t = at::opmath_type<scalar_t>;
+  using opmath_t = opmath_type<scalar_t>;
   constexpr int VEC = 16 / sizeof(scalar_t);
   if (found_inf != nullptr && *found_inf != 0.f) return;
   const int t = meta.block_to_tensor[blockIdx.x];
@@ -131,6 +126,32 @@ __global__ void __launch_bounds__(kBlockSize) adamw_l2init_kernel(TensorListMeta
   }
 }
 
+// state_steps += 1, then -= found_inf (as torch's fused AdamW: the step is counted before the update
+// reads it, and a skipped step takes its 1 back), for up to kStepsPerLaunch steps per launch.
+constexpr int kStepsPerLaunch = 128;
+struct StepList {
+  float* steps[kStepsPerLaunch];
+  int n;
+};
+
+__global__ void count_steps_kernel(StepList list, const float* found_inf) {
+  const int i = blockIdx.x * blockDim.x + threadIdx.x;
+  if (i >= list.n) return;
+  float s = *list.steps[i] + 1.f;
+  if (found_inf != nullptr) s -= *found_inf;
+  *list.steps[i] = s;
+}
+
+void count_steps(const std::vector<Tensor>& state_steps, const float* found_inf, cudaStream_t stream) {
+  for (size_t begin = 0; begin < state_steps.size(); begin += kStepsPerLaunch) {
+    StepList list{};
+    list.n = static_cast<int>(std::min(state_steps.size() - begin, static_cast<size_t>(kStepsPerLaunch)));
+    for (int i = 0; i < list.n; ++i) list.steps[i] = static_cast<float*>(state_steps[begin + i].mutable_data_ptr());
+    count_steps_kernel<<<1, kStepsPerLaunch, 0, stream>>>(list, found_inf);
+    check_launch("count_steps_kernel");
+  }
+}
+
 template <typename acc_t>
 __device__ __forceinline__ acc_t block_sum(acc_t x) {
   __shared__ acc_t warp_sums[kBlockSize / 32];
@@ -147,7 +168,7 @@ __device__ __forceinline__ acc_t block_sum(acc_t x) {
 }
 
 // One partial sum of squares per block, written to partial[first_block + blockIdx.x]; the partials
-// are then added by at::sum, so the result does not depend on scheduling.
+// are then added by torch's sum, so the result does not depend on scheduling.
 template <typename scalar_t, typename acc_t>
 __global__ void __launch_bounds__(kBlockSize) sum_of_squares_kernel(TensorListMeta<1> meta, acc_t* partial) {
   constexpr int VEC = 16 / sizeof(scalar_t);
@@ -177,45 +198,42 @@ __global__ void __launch_bounds__(kBlockSize) sum_of_squares_kernel(TensorListMe
   if (threadIdx.x == 0) partial[meta.first_block + blockIdx.x] = acc;
 }
 
-void adamw_l2init_cuda(at::TensorList params_, at::TensorList grads_, at::TensorList exp_avgs_,
-                       at::TensorList exp_avg_sqs_, at::TensorList max_exp_avg_sqs_, at::TensorList state_steps_,
-                       at::TensorList anchors_, double lr, double beta1, double beta2, double weight_decay,
-                       double eps, double l2_init, bool coupled, bool amsgrad, bool maximize,
-                       const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
-                       const std::optional<at::Tensor>& clip_coef) {
-  const std::vector<at::Tensor> params = params_.vec(), grads = grads_.vec(), exp_avgs = exp_avgs_.vec(),
-                                exp_avg_sqs = exp_avg_sqs_.vec(), max_exp_avg_sqs = max_exp_avg_sqs_.vec(),
-                                state_steps = state_steps_.vec();
-  check_adamw_args(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, anchors_.vec(), amsgrad,
-                   l2_init);
+void adamw_l2init_cuda(const std::vector<Tensor>& params, const std::vector<Tensor>& grads,
+                       const std::vector<Tensor>& exp_avgs, const std::vector<Tensor>& exp_avg_sqs,
+                       const std::vector<Tensor>& max_exp_avg_sqs, const std::vector<Tensor>& state_steps,
+                       const std::vector<Tensor>& anchors_, double lr, double beta1, double beta2,
+                       double weight_decay, double eps, double l2_init, bool coupled, bool amsgrad, bool maximize,
+                       const std::optional<Tensor>& grad_scale, const std::optional<Tensor>& found_inf,
+                       const std::optional<Tensor>& clip_coef) {
+  check_adamw_args(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, anchors_, amsgrad, l2_init);
   if (params.empty()) return;
-  const auto device = params[0].device();
+  const Device device = params[0].device();
   check_scalar_arg(grad_scale, device, "grad_scale");
   check_scalar_arg(found_inf, device, "found_inf");
   check_scalar_arg(clip_coef, device, "clip_coef");
   const bool use_anchor = l2_init != 0.0;
-  const std::vector<at::Tensor> anchors = use_anchor ? anchors_.vec() : std::vector<at::Tensor>{};
-  const auto dtype = params[0].scalar_type();
-  const auto anchor_dtype = use_anchor ? anchors[0].scalar_type() : dtype;
+  const std::vector<Tensor> anchors = use_anchor ? anchors_ : std::vector<Tensor>{};
+  const ScalarType dtype = params[0].scalar_type();
+  const ScalarType anchor_dtype = use_anchor ? anchors[0].scalar_type() : dtype;
   for (const auto& a : anchors)
-    TORCH_CHECK(a.scalar_type() == anchor_dtype, "fastft.adamw_l2init_: all anchors of one call must share a dtype");
+    STD_TORCH_CHECK(a.scalar_type() == anchor_dtype,
+                    "fastft.adamw_l2init_: all anchors of one call must share a dtype");
 
-  c10::cuda::CUDAGuard guard(device);
-  auto stream = c10::cuda::getCurrentCUDAStream();
-  // Steps are counted before the update reads them; a skipped (found_inf) step takes its 1 back.
-  at::_foreach_add_(state_steps, 1);
-  if (found_inf.has_value()) at::_foreach_add_(state_steps, *found_inf, -1);
+  const auto guard = device_guard(params[0]);
+  const cudaStream_t stream = current_stream(params[0]);
+  const float* gs = grad_scale.has_value() ? static_cast<const float*>(grad_scale->const_data_ptr()) : nullptr;
+  const float* fi = found_inf.has_value() ? static_cast<const float*>(found_inf->const_data_ptr()) : nullptr;
+  const float* cc = clip_coef.has_value() ? static_cast<const float*>(clip_coef->const_data_ptr()) : nullptr;
+  count_steps(state_steps, fi, stream);
 
   const AdamWHyper h{lr, beta1, beta2, weight_decay, eps, l2_init, coupled, maximize};
-  const float* gs = grad_scale.has_value() ? grad_scale->data_ptr<float>() : nullptr;
-  const float* fi = found_inf.has_value() ? found_inf->data_ptr<float>() : nullptr;
-  const float* cc = clip_coef.has_value() ? clip_coef->data_ptr<float>() : nullptr;
-  const std::vector<at::Tensor> no_list;
-  const std::vector<std::vector<at::Tensor>> lists{
+  const std::vector<Tensor> no_list;
+  const std::vector<std::vector<Tensor>> lists{
       params, grads, exp_avgs, exp_avg_sqs, amsgrad ? max_exp_avg_sqs : no_list, anchors};
   const bool store_grad = grad_scale.has_value();
 
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "fastft_adamw_l2init_cuda", [&] {
+  dispatch_floating(dtype, "fastft.adamw_l2init_", [&](auto scalar_tag) {
+    using scalar_t = decltype(scalar_tag);
     // The runtime flags become template arguments, so each kernel is branch-free.
     auto run = [&](auto anchor_tag, auto ams_tag, auto store_tag, auto anchor_on_tag) {
       using anchor_t = decltype(anchor_tag);
@@ -224,7 +242,7 @@ void adamw_l2init_cuda(at::TensorList params_, at::TensorList grads_, at::Tensor
       multi_tensor_apply<6>(lists, state_steps, [&](const TensorListMeta<6>& meta, int blocks) {
         adamw_l2init_kernel<scalar_t, anchor_t, AMS, STORE, ANCHOR>
             <<<blocks, kBlockSize, 0, stream>>>(meta, h, gs, fi, cc);
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        check_launch("adamw_l2init_kernel");
       });
     };
     using T = std::true_type;
@@ -241,39 +259,39 @@ void adamw_l2init_cuda(at::TensorList params_, at::TensorList grads_, at::Tensor
       else store_grad ? with_anchor_flag(anchor_tag, F{}, T{}) : with_anchor_flag(anchor_tag, F{}, F{});
     };
     if (anchor_dtype == dtype) with_flags(scalar_t{});
-    else if (anchor_dtype == at::kFloat) with_flags(float{});
-    else if (anchor_dtype == at::kBFloat16) with_flags(at::BFloat16{});
-    else with_flags(at::Half{});
+    else if (anchor_dtype == ScalarType::Float) with_flags(float{});
+    else if (anchor_dtype == ScalarType::BFloat16) with_flags(BFloat16{});
+    else with_flags(Half{});
   });
 }
 
-at::Tensor sum_of_squares_cuda(at::TensorList tensors_) {
-  const std::vector<at::Tensor> tensors = tensors_.vec();
+Tensor sum_of_squares_cuda(const std::vector<Tensor>& tensors) {
   check_sum_of_squares_args(tensors);
-  const auto dtype = tensors[0].scalar_type();
-  const auto acc_dtype = dtype == at::kDouble ? at::kDouble : at::kFloat;
-  c10::cuda::CUDAGuard guard(tensors[0].device());
+  const ScalarType dtype = tensors[0].scalar_type();
+  const ScalarType acc_dtype = dtype == ScalarType::Double ? ScalarType::Double : ScalarType::Float;
+  const auto guard = device_guard(tensors[0]);
   const int64_t chunks = count_chunks(tensors);
-  if (chunks == 0) return at::zeros({}, tensors[0].options().dtype(acc_dtype));
-  at::Tensor partial = at::empty({chunks}, tensors[0].options().dtype(acc_dtype));
-  auto stream = c10::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "fastft_sum_of_squares_cuda", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    acc_t* out = partial.data_ptr<acc_t>();
+  if (chunks == 0) return torch::stable::new_zeros(tensors[0], std::vector<int64_t>{}, acc_dtype);
+  Tensor partial = empty_like_device(tensors[0], {chunks}, acc_dtype);
+  const cudaStream_t stream = current_stream(tensors[0]);
+  dispatch_floating(dtype, "fastft.sum_of_squares", [&](auto scalar_tag) {
+    using scalar_t = decltype(scalar_tag);
+    using acc_t = opmath_type<scalar_t>;
+    acc_t* out = static_cast<acc_t*>(partial.mutable_data_ptr());
     multi_tensor_apply<1>({tensors}, {}, [&](const TensorListMeta<1>& meta, int blocks) {
       sum_of_squares_kernel<scalar_t, acc_t><<<blocks, kBlockSize, 0, stream>>>(meta, out);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      check_launch("sum_of_squares_kernel");
     });
   });
-  return at::sum(partial);
+  return torch::stable::sum(partial);
 }
 
 }  // namespace
 }  // namespace cuda
 
-TORCH_LIBRARY_IMPL(fastft, CUDA, m) {
-  m.impl("adamw_l2init_", &cuda::adamw_l2init_cuda);
-  m.impl("sum_of_squares", &cuda::sum_of_squares_cuda);
+STABLE_TORCH_LIBRARY_IMPL(fastft, CUDA, m) {
+  m.impl("adamw_l2init_", TORCH_BOX(&cuda::adamw_l2init_cuda));
+  m.impl("sum_of_squares", TORCH_BOX(&cuda::sum_of_squares_cuda));
 }
 
 }  // namespace fastft

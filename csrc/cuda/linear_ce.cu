@@ -1,17 +1,11 @@
 // CUDA kernel of the fused cross-entropy over rows of float32 logits: the per-row loss and, in place,
 // the gradient (softmax - onehot) * w_r.
-#include <ATen/ops/empty.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
-#include <c10/macros/Macros.h>
-#include <torch/library.h>
-
 #include <algorithm>
 #include <cmath>
 #include <type_traits>
 
 #include "../linear_ce.h"
+#include "runtime.cuh"
 #include "vec.cuh"
 
 namespace fastft {
@@ -162,25 +156,24 @@ __global__ void __launch_bounds__(ROW_THREADS* ROWS)
   }
 }
 
-at::Tensor cross_entropy_rows_cuda(at::Tensor& logits, const at::Tensor& labels_,
-                                   const std::optional<at::Tensor>& row_scale_, double scale, int64_t ignore_index,
-                                   bool write_grad) {
+Tensor cross_entropy_rows_cuda(const Tensor& logits, const Tensor& labels_, const std::optional<Tensor>& row_scale_,
+                               double scale, int64_t ignore_index, bool write_grad) {
   check_cross_entropy_rows(logits, labels_, row_scale_);
-  c10::cuda::CUDAGuard guard(logits.device());
+  const auto guard = device_guard(logits);
   const int64_t n = logits.size(0), V = logits.size(1);
-  at::Tensor loss = at::empty({n}, logits.options());
+  Tensor loss = empty_like_device(logits, {n});
   if (n == 0) return loss;
-  const at::Tensor labels = labels_.contiguous();
-  const at::Tensor row_scale = row_scale_.has_value() ? row_scale_->contiguous() : at::Tensor();
-  const float* rs = row_scale.defined() ? row_scale.const_data_ptr<float>() : nullptr;
-  auto stream = c10::cuda::getCurrentCUDAStream();
+  const Tensor labels = as_contiguous(labels_);
+  const Tensor row_scale = row_scale_.has_value() ? as_contiguous(*row_scale_) : labels;  // labels: never read
+  const float* rs = row_scale_.has_value() ? static_cast<const float*>(row_scale.const_data_ptr()) : nullptr;
+  const cudaStream_t stream = current_stream(logits);
   auto launch = [&](auto row_threads_tag, auto rows_tag) {
     constexpr int RT = decltype(row_threads_tag)::value, ROWS = decltype(rows_tag)::value;
     const int64_t blocks = std::min<int64_t>((n + ROWS - 1) / ROWS, int64_t{1} << 30);
     cross_entropy_rows_kernel<RT, ROWS><<<static_cast<unsigned>(blocks), dim3(RT, ROWS), 0, stream>>>(
-        logits.mutable_data_ptr<float>(), labels.const_data_ptr<int64_t>(), rs, static_cast<float>(scale),
-        ignore_index, write_grad, n, V, loss.mutable_data_ptr<float>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+        static_cast<float*>(logits.mutable_data_ptr()), static_cast<const int64_t*>(labels.const_data_ptr()), rs,
+        static_cast<float>(scale), ignore_index, write_grad, n, V, static_cast<float*>(loss.mutable_data_ptr()));
+    check_launch("cross_entropy_rows_kernel");
   };
   // Small vocabularies: a warp per row, 8 rows per block; otherwise a block per row, wide enough that
   // each thread has a few dozen vectors at most (V = 128256: 512 threads, ~63 vectors each).
@@ -196,6 +189,6 @@ at::Tensor cross_entropy_rows_cuda(at::Tensor& logits, const at::Tensor& labels_
 }  // namespace
 }  // namespace cuda
 
-TORCH_LIBRARY_IMPL(fastft, CUDA, m) { m.impl("cross_entropy_rows_", &cuda::cross_entropy_rows_cuda); }
+STABLE_TORCH_LIBRARY_IMPL(fastft, CUDA, m) { m.impl("cross_entropy_rows_", TORCH_BOX(&cuda::cross_entropy_rows_cuda)); }
 
 }  // namespace fastft

@@ -1,12 +1,9 @@
 // Multi-tensor apply: one kernel launch walks many tensors, one CUDA block per (tensor, chunk).
 #pragma once
 
-#include <ATen/core/Tensor.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
-
 #include <vector>
+
+#include "../stable.h"
 
 namespace fastft {
 namespace cuda {
@@ -34,9 +31,10 @@ struct TensorListMeta {
 // lists[d][t] is tensor t of list d; an empty list d puts nullptr in its slots. `steps` may be empty.
 // `launch(meta, num_blocks)` launches the kernel on the current stream.
 template <int depth, typename Launch>
-void multi_tensor_apply(const std::vector<std::vector<at::Tensor>>& lists, const std::vector<at::Tensor>& steps,
+void multi_tensor_apply(const std::vector<std::vector<Tensor>>& lists, const std::vector<Tensor>& steps,
                         Launch&& launch) {
-  TORCH_INTERNAL_ASSERT(static_cast<int>(lists.size()) == depth);
+  STD_TORCH_CHECK(static_cast<int>(lists.size()) == depth, "fastft: multi_tensor_apply<", depth, "> got ",
+                  lists.size(), " lists");
   const auto& ref = lists[0];
   const int64_t n_tensors = static_cast<int64_t>(ref.size());
   TensorListMeta<depth> meta{};
@@ -48,9 +46,9 @@ void multi_tensor_apply(const std::vector<std::vector<at::Tensor>>& lists, const
     const int64_t numel = ref[t].numel();
     if (numel == 0) continue;
     for (int d = 0; d < depth; ++d)
-      meta.addresses[d][loaded] = lists[d].empty() ? nullptr : lists[d][t].data_ptr();
+      meta.addresses[d][loaded] = lists[d].empty() ? nullptr : lists[d][t].mutable_data_ptr();
     meta.numel[loaded] = numel;
-    meta.steps[loaded] = steps.empty() ? nullptr : steps[t].data_ptr<float>();
+    meta.steps[loaded] = steps.empty() ? nullptr : static_cast<float*>(steps[t].mutable_data_ptr());
     ++loaded;
     const int64_t chunks = (numel + kChunkSize - 1) / kChunkSize;
     for (int64_t c = 0; c < chunks; ++c) {
@@ -80,7 +78,7 @@ void multi_tensor_apply(const std::vector<std::vector<at::Tensor>>& lists, const
   if (blocks > 0) launch(meta, blocks);
 }
 
-inline int64_t count_chunks(const std::vector<at::Tensor>& tensors) {
+inline int64_t count_chunks(const std::vector<Tensor>& tensors) {
   int64_t n = 0;
   for (const auto& t : tensors) n += (t.numel() + kChunkSize - 1) / kChunkSize;
   return n;

@@ -1,14 +1,9 @@
 // CUDA kernels of masked pooling: forward (mean, max, cls, last) and the fused backward.
-#include <ATen/Dispatch.h>
-#include <ATen/OpMathType.h>
-#include <ATen/ops/empty.h>
-#include <ATen/ops/sum.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
-#include <torch/library.h>
+#include <algorithm>
+#include <type_traits>
 
 #include "../pooling.h"
+#include "runtime.cuh"
 #include "vec.cuh"
 
 namespace fastft {
@@ -26,7 +21,7 @@ __global__ void __launch_bounds__(kLanes* kWarps) pool_mean_max_kernel(const sca
                                                                         int64_t H, int64_t sB, int64_t sT, int64_t sH,
                                                                         scalar_t* __restrict__ out,
                                                                         int64_t* __restrict__ index) {
-  using acc_t = at::opmath_type<scalar_t>;
+  using acc_t = opmath_type<scalar_t>;
   __shared__ acc_t s_acc[kWarps][kLanes * VEC];
   __shared__ int64_t s_arg[MAX ? kWarps : 1][MAX ? kLanes * VEC : 1];
   __shared__ int64_t s_count[kWarps];
@@ -143,7 +138,7 @@ __global__ void __launch_bounds__(kLanes* kWarps) pool_backward_kernel(const sca
                                                                         const int64_t* __restrict__ index, int mode,
                                                                         int64_t B, int64_t T, int64_t H,
                                                                         scalar_t* __restrict__ gx) {
-  using acc_t = at::opmath_type<scalar_t>;
+  using acc_t = opmath_type<scalar_t>;
   const int64_t rows = B * T;
   for (int64_t r = static_cast<int64_t>(blockIdx.x) * kWarps + threadIdx.y; r < rows;
        r += static_cast<int64_t>(gridDim.x) * kWarps) {
@@ -178,50 +173,50 @@ __global__ void __launch_bounds__(kLanes* kWarps) pool_backward_kernel(const sca
 // Whether the kernels may move VEC consecutive features at a time through t: the innermost stride is 1,
 // every other stride and the size of the last dim are multiples of VEC, and the data pointer is aligned.
 template <typename scalar_t, int VEC>
-bool vector_ok(const at::Tensor& t) {
-  const auto d = t.dim();
-  if (t.stride(d - 1) != 1 || t.size(d - 1) % VEC != 0) return false;
+bool vector_ok(const Tensor& t) {
+  const Shape sizes = t.sizes(), strides = t.strides();
+  const int64_t d = static_cast<int64_t>(sizes.size());
+  if (strides[d - 1] != 1 || sizes[d - 1] % VEC != 0) return false;
   for (int64_t i = 0; i + 1 < d; ++i)
-    if (t.stride(i) % VEC != 0) return false;
-  return is_aligned<scalar_t, VEC>(t.const_data_ptr<scalar_t>());
+    if (strides[i] % VEC != 0) return false;
+  return is_aligned<scalar_t, VEC>(t.const_data_ptr());
 }
 
-std::tuple<at::Tensor, at::Tensor> masked_pool_cuda(const at::Tensor& hidden, const std::optional<at::Tensor>& mask,
-                                                    c10::string_view mode_name) {
-  const PoolMode mode = parse_pool_mode(std::string_view(mode_name.data(), mode_name.size()));
-  c10::cuda::CUDAGuard guard(hidden.device());
-  const at::Tensor m = check_pool_inputs(hidden, mask);
-  at::Tensor out = at::empty({hidden.size(0), hidden.size(2)}, hidden.options());
-  at::Tensor index = make_pool_index(hidden, mode);
+std::tuple<Tensor, Tensor> masked_pool_cuda(const Tensor& hidden, const std::optional<Tensor>& mask,
+                                            const std::string& mode_name) {
+  const PoolMode mode = parse_pool_mode(mode_name);
+  const auto guard = device_guard(hidden);
+  const std::optional<Tensor> m = check_pool_inputs(hidden, mask);
+  Tensor out = empty_like_device(hidden, {hidden.size(0), hidden.size(2)});
+  Tensor index = make_pool_index(hidden, mode);
   const int64_t B = hidden.size(0), T = hidden.size(1), H = hidden.size(2);
   if (B == 0) return {out, index};
-  const bool* mp = m.defined() ? m.const_data_ptr<bool>() : nullptr;
-  auto stream = c10::cuda::getCurrentCUDAStream();
+  const bool* mp = m.has_value() ? static_cast<const bool*>(m->const_data_ptr()) : nullptr;
+  const cudaStream_t stream = current_stream(hidden);
   const dim3 block(kLanes, kWarps);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, hidden.scalar_type(), "fastft_masked_pool_cuda", [&] {
-    const scalar_t* x = hidden.const_data_ptr<scalar_t>();
+  dispatch_floating(hidden.scalar_type(), "fastft.pool", [&](auto scalar_tag) {
+    using scalar_t = decltype(scalar_tag);
+    const scalar_t* x = static_cast<const scalar_t*>(hidden.const_data_ptr());
+    scalar_t* y = static_cast<scalar_t*>(out.mutable_data_ptr());
     const int64_t sB = hidden.stride(0), sT = hidden.stride(1), sH = hidden.stride(2);
     if (mode == PoolMode::Cls || mode == PoolMode::Last) {
       const dim3 grid(static_cast<unsigned>(std::max<int64_t>(1, std::min<int64_t>((H + 255) / 256, 64))),
                       static_cast<unsigned>(B));
-      pool_pick_kernel<scalar_t><<<grid, block, 0, stream>>>(x, mp, T, H, sB, sT, sH, mode == PoolMode::Last,
-                                                             out.mutable_data_ptr<scalar_t>(),
-                                                             index.mutable_data_ptr<int64_t>());
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      pool_pick_kernel<scalar_t><<<grid, block, 0, stream>>>(x, mp, T, H, sB, sT, sH, mode == PoolMode::Last, y,
+                                                             static_cast<int64_t*>(index.mutable_data_ptr()));
+      check_launch("pool_pick_kernel");
       return;
     }
     if (H == 0) return;
-    int64_t* ip = mode == PoolMode::Max ? index.mutable_data_ptr<int64_t>() : nullptr;
+    int64_t* ip = mode == PoolMode::Max ? static_cast<int64_t*>(index.mutable_data_ptr()) : nullptr;
     auto launch = [&](auto vec_tag) {
       constexpr int VEC = decltype(vec_tag)::value;
       const dim3 grid(static_cast<unsigned>((H + kLanes * VEC - 1) / (kLanes * VEC)), static_cast<unsigned>(B));
       if (mode == PoolMode::Max)
-        pool_mean_max_kernel<scalar_t, VEC, true><<<grid, block, 0, stream>>>(x, mp, T, H, sB, sT, sH,
-                                                                             out.mutable_data_ptr<scalar_t>(), ip);
+        pool_mean_max_kernel<scalar_t, VEC, true><<<grid, block, 0, stream>>>(x, mp, T, H, sB, sT, sH, y, ip);
       else
-        pool_mean_max_kernel<scalar_t, VEC, false><<<grid, block, 0, stream>>>(x, mp, T, H, sB, sT, sH,
-                                                                              out.mutable_data_ptr<scalar_t>(), ip);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+        pool_mean_max_kernel<scalar_t, VEC, false><<<grid, block, 0, stream>>>(x, mp, T, H, sB, sT, sH, y, ip);
+      check_launch("pool_mean_max_kernel");
     };
     constexpr int kVec = 16 / sizeof(scalar_t);
     if (vector_ok<scalar_t, kVec>(hidden)) launch(std::integral_constant<int, kVec>{});
@@ -230,31 +225,31 @@ std::tuple<at::Tensor, at::Tensor> masked_pool_cuda(const at::Tensor& hidden, co
   return {out, index};
 }
 
-at::Tensor masked_pool_backward_cuda(const at::Tensor& grad_, const std::optional<at::Tensor>& mask,
-                                     const at::Tensor& index_, c10::string_view mode_name, int64_t T) {
-  const PoolMode mode = parse_pool_mode(std::string_view(mode_name.data(), mode_name.size()));
-  c10::cuda::CUDAGuard guard(grad_.device());
-  const at::Tensor m = bool_mask(mask);
+Tensor masked_pool_backward_cuda(const Tensor& grad_, const std::optional<Tensor>& mask, const Tensor& index_,
+                                 const std::string& mode_name, int64_t T) {
+  const PoolMode mode = parse_pool_mode(mode_name);
+  const auto guard = device_guard(grad_);
+  const std::optional<Tensor> m = bool_mask(mask);
   check_pool_backward_inputs(grad_, m, index_, mode, T);
-  const at::Tensor grad = grad_.contiguous();
-  const at::Tensor index = index_.contiguous();
+  const Tensor grad = as_contiguous(grad_);
+  const Tensor index = as_contiguous(index_);
   const int64_t B = grad.size(0), H = grad.size(1);
-  at::Tensor gx = at::empty({B, T, H}, grad.options());
+  Tensor gx = empty_like_device(grad, {B, T, H});
   if (gx.numel() == 0) return gx;
-  at::Tensor counts;
-  if (mode == PoolMode::Mean && m.defined()) counts = at::sum(m, {1});
-  const bool* mp = m.defined() ? m.const_data_ptr<bool>() : nullptr;
-  const int64_t* cp = counts.defined() ? counts.const_data_ptr<int64_t>() : nullptr;
-  const int64_t* ip = index.numel() > 0 ? index.const_data_ptr<int64_t>() : nullptr;
-  auto stream = c10::cuda::getCurrentCUDAStream();
+  std::optional<Tensor> counts;
+  if (mode == PoolMode::Mean && m.has_value()) counts = torch::stable::sum(*m, std::vector<int64_t>{1});
+  const bool* mp = m.has_value() ? static_cast<const bool*>(m->const_data_ptr()) : nullptr;
+  const int64_t* cp = counts.has_value() ? static_cast<const int64_t*>(counts->const_data_ptr()) : nullptr;
+  const int64_t* ip = index.numel() > 0 ? static_cast<const int64_t*>(index.const_data_ptr()) : nullptr;
+  const cudaStream_t stream = current_stream(grad);
   const dim3 block(kLanes, kWarps);
   const int64_t rows = B * T;
   const unsigned blocks = static_cast<unsigned>(std::min<int64_t>((rows + kWarps - 1) / kWarps, 65535 * 8));
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "fastft_masked_pool_backward_cuda",
-                                  [&] {
+  dispatch_floating(grad.scalar_type(), "fastft.pool backward", [&](auto scalar_tag) {
+    using scalar_t = decltype(scalar_tag);
     constexpr int kVec = 16 / sizeof(scalar_t);
-    const scalar_t* g = grad.const_data_ptr<scalar_t>();
-    scalar_t* o = gx.mutable_data_ptr<scalar_t>();
+    const scalar_t* g = static_cast<const scalar_t*>(grad.const_data_ptr());
+    scalar_t* o = static_cast<scalar_t*>(gx.mutable_data_ptr());
     // grad and d hidden are contiguous [B, H] / [B, T, H]: aligned bases and H % kVec == 0 align every row.
     if (H % kVec == 0 && is_aligned<scalar_t, kVec>(g) && is_aligned<scalar_t, kVec>(o))
       pool_backward_kernel<scalar_t, kVec><<<blocks, block, 0, stream>>>(g, mp, cp, ip, static_cast<int>(mode), B, T,
@@ -262,7 +257,7 @@ at::Tensor masked_pool_backward_cuda(const at::Tensor& grad_, const std::optiona
     else
       pool_backward_kernel<scalar_t, 1><<<blocks, block, 0, stream>>>(g, mp, cp, ip, static_cast<int>(mode), B, T, H,
                                                                       o);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    check_launch("pool_backward_kernel");
   });
   return gx;
 }
@@ -270,9 +265,9 @@ at::Tensor masked_pool_backward_cuda(const at::Tensor& grad_, const std::optiona
 }  // namespace
 }  // namespace cuda
 
-TORCH_LIBRARY_IMPL(fastft, CUDA, m) {
-  m.impl("masked_pool", &cuda::masked_pool_cuda);
-  m.impl("masked_pool_backward", &cuda::masked_pool_backward_cuda);
+STABLE_TORCH_LIBRARY_IMPL(fastft, CUDA, m) {
+  m.impl("masked_pool", TORCH_BOX(&cuda::masked_pool_cuda));
+  m.impl("masked_pool_backward", TORCH_BOX(&cuda::masked_pool_backward_cuda));
 }
 
 }  // namespace fastft
