@@ -111,7 +111,8 @@ own head)::
 
 Under ``torchrun --nproc_per_node=N -m fastft finetune CONFIG.yaml`` every process runs this
 module; the trainers join the process group torchrun describes and train data-parallel, and only
-rank 0 prints and writes.
+rank 0 prints and writes. ``trainer: {distributed: fsdp2}`` shards the model over the processes
+with FSDP2 instead of replicating it with DDP (the default, ``ddp``); see fastft.Trainer.
 """
 
 from __future__ import annotations

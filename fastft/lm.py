@@ -168,12 +168,17 @@ def fused_lm_parts(lm: nn.Module) -> Optional[Tuple[nn.Module, nn.Linear]]:
     return backbone, head
 
 
-def fused_causal_lm_loss(lm: nn.Module, batch: Dict[str, Tensor]) -> Optional[Tensor]:
+def fused_causal_lm_loss(lm: nn.Module, batch: Dict[str, Tensor], caller: Optional[nn.Module] = None) -> Optional[Tensor]:
     """The token-mean next-token loss of ``batch`` (``input_ids``, ``labels`` [B, T] with -100 where
     nothing is predicted, ``attention_mask``...) computed as the model's own loss is — labels shifted
     by one, the mean over the targets — through :func:`fastft.linear_cross_entropy`, without the
     ``[B, T, V]`` logits; under autocast the head's matmul runs in the autocast dtype, as ``lm_head``
-    would. None when :func:`fused_lm_parts` refuses the model (use its own loss then)."""
+    would. None when :func:`fused_lm_parts` refuses the model (use its own loss then).
+
+    The computation runs as ``lm``'s forward, inside the call of ``caller`` (default ``lm``; e.g. the
+    DistributedDataParallel wrapper of ``lm``), so that what wraps the model's call works as for its
+    own forward: DDP's gradient bookkeeping, FSDP2's gathering of the sharded weights (the head's
+    included) and the reduce-scatter of their gradients."""
     parts = fused_lm_parts(lm)
     labels = batch.get("labels")
     if parts is None or labels is None or labels.dim() != 2:
@@ -181,14 +186,26 @@ def fused_causal_lm_loss(lm: nn.Module, batch: Dict[str, Tensor]) -> Optional[Te
     from .losses import linear_cross_entropy
 
     backbone, head = parts
-    out = backbone(**{k: v for k, v in batch.items() if k != "labels"})
-    hidden = out[0] if isinstance(out, (tuple, list)) else out.last_hidden_state
-    weight, bias = head.weight, head.bias
-    if torch.is_autocast_enabled(hidden.device.type):
-        dtype = torch.get_autocast_dtype(hidden.device.type)
-        weight, bias = weight.to(dtype), (None if bias is None else bias.to(dtype))
-    with torch.autocast(hidden.device.type, enabled=False):
-        return linear_cross_entropy(hidden[:, :-1].to(weight.dtype), weight, labels[:, 1:], bias)
+
+    def forward(labels: Tensor, **inputs: Any) -> Tensor:
+        out = backbone(**inputs)
+        hidden = out[0] if isinstance(out, (tuple, list)) else out.last_hidden_state
+        weight, bias = head.weight, head.bias
+        if torch.is_autocast_enabled(hidden.device.type):
+            dtype = torch.get_autocast_dtype(hidden.device.type)
+            weight, bias = weight.to(dtype), (None if bias is None else bias.to(dtype))
+        with torch.autocast(hidden.device.type, enabled=False):
+            return linear_cross_entropy(hidden[:, :-1].to(weight.dtype), weight, labels[:, 1:], bias)
+
+    own = lm.__dict__.get("forward")
+    lm.forward = forward
+    try:
+        return (lm if caller is None else caller)(**batch)
+    finally:
+        if own is None:
+            del lm.forward
+        else:
+            lm.forward = own
 
 
 def lm_loss(lm: nn.Module, batch: Dict[str, Tensor], fused: bool = True) -> Tensor:

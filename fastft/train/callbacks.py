@@ -7,6 +7,8 @@ from typing import Any, Dict, Optional
 
 import torch
 
+from ..distributed import restore_weights, snapshot_weights
+
 __all__ = ["Callback", "EarlyStopping"]
 
 
@@ -98,7 +100,7 @@ class EarlyStopping(Callback):
 
     def on_fit_end(self, trainer) -> None:
         if self.restore_best and self.best_weights is not None:
-            trainer.model.load_state_dict(self.best_weights, strict=False)  # a snapshot of what trains
+            restore_weights(trainer.model, self.best_weights)
 
     def state_dict(self) -> Dict[str, Any]:
         return dict(best=self.best, best_epoch=self.best_epoch, best_step=self.best_step, wait=self.wait,

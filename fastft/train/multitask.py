@@ -306,6 +306,7 @@ class MultiTaskTrainer(Trainer):
             replay, find_unused_parameters, new_modules) — except those set per task: ``val_data``
             (``Task.val``), ``num_labels``, ``metrics``, ``loss_fn``. ``find_unused_parameters`` is
             always True under torchrun (the heads of tasks absent from a batch get no gradient).
+            ``distributed="fsdp2"`` shards the encoder's blocks and the model (not with ``mix=True``).
 
     Attributes:
         task_counts: batches (``mix=False``) or rows (``mix=True``) trained per task so far.
@@ -356,6 +357,10 @@ class MultiTaskTrainer(Trainer):
             self.label_maps[name] = names
         if mix and trainer_kwargs.get("replay") is not None:
             raise ValueError(f"{where}: replay works with one task per batch (mix=False)")
+        if mix and trainer_kwargs.get("distributed") == "fsdp2":
+            raise ValueError(f"{where}: mix=True cannot train with distributed='fsdp2': a rank whose rows lack a task "
+                             "leaves that task's head without a gradient while another rank has one, and FSDP2 "
+                             "reduce-scatters a module's gradients together; use mix=False or distributed='ddp'")
         self.tasks = tasks
         self.sampling, self.temperature, self.mix = sampling, temperature, mix
         model = MultiTaskModel(encoder, tasks, hidden_size=hidden_size)

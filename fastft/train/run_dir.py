@@ -6,7 +6,10 @@
       metrics.jsonl        one JSON record per evaluation (appended, flushed line by line)
       tensorboard/         the same scalars, when TensorBoard is installed
       checkpoint/          model.safetensors, state.pt (optimizer, scheduler, scaler, callbacks,
-                           replay, RNG states), trainer_state.json (written last: marks it complete)
+                           replay, RNG states), trainer_state.json (written last: marks it complete);
+                           under distributed="fsdp2" sharded/ (torch.distributed.checkpoint: the
+                           weights, the optimizer state and callbacks' tensors, one file per rank)
+                           instead of model.safetensors
       model/               the final model with its tokenizer and label names (see :meth:`RunDir.save_model`)
       curves.png           losses and validation metrics per optimizer step
 
@@ -23,6 +26,7 @@ import os
 import signal
 import sys
 import threading
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -31,9 +35,49 @@ from torch import nn
 
 from ..atomic import atomic_dir, atomic_write
 
-__all__ = ["RunDir", "CHECKPOINT", "StopSignals"]
+__all__ = ["RunDir", "CHECKPOINT", "SHARDED", "StopSignals", "extract_tensors", "insert_tensors", "tensor_refs"]
 
 CHECKPOINT = "checkpoint"
+#: The ``torch.distributed.checkpoint`` folder of a sharded checkpoint (inside ``checkpoint/``).
+SHARDED = "sharded"
+_REF = "__fastft_tensor__"
+
+
+def extract_tensors(obj: Any, prefix: str, out: Dict[str, Any]) -> Any:
+    """``obj`` (nested dicts / lists / tuples) with every tensor replaced by a reference, the tensors
+    put into ``out`` under ``prefix/<path>``: to save them with ``torch.distributed.checkpoint`` (a
+    sharded tensor is saved as its shards) and the rest with ``torch.save``. See :func:`insert_tensors`."""
+    if isinstance(obj, torch.Tensor):
+        from ..distributed import is_dtensor
+
+        out[prefix] = obj
+        return {_REF: prefix, "shape": list(obj.shape), "dtype": str(obj.dtype).replace("torch.", ""),
+                "sharded": is_dtensor(obj)}
+    if isinstance(obj, dict):
+        return {k: extract_tensors(v, f"{prefix}/{k}", out) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(extract_tensors(v, f"{prefix}/{i}", out) for i, v in enumerate(obj))
+    return obj
+
+
+def tensor_refs(obj: Any) -> List[Dict[str, Any]]:
+    """The references :func:`extract_tensors` left in ``obj``."""
+    if isinstance(obj, dict):
+        return [obj] if _REF in obj else [r for v in obj.values() for r in tensor_refs(v)]
+    if isinstance(obj, (list, tuple)):
+        return [r for v in obj for r in tensor_refs(v)]
+    return []
+
+
+def insert_tensors(obj: Any, tensors: Dict[str, Any]) -> Any:
+    """Undo :func:`extract_tensors`: the references in ``obj`` replaced by ``tensors[path]``."""
+    if isinstance(obj, dict):
+        if _REF in obj:
+            return tensors[obj[_REF]]
+        return {k: insert_tensors(v, tensors) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(insert_tensors(v, tensors) for v in obj)
+    return obj
 
 
 def _named_parameters(fn: Any) -> set:
@@ -173,6 +217,39 @@ class RunDir:
             save_model(model, str(tmp / "model.safetensors"))
             torch.save(blobs, tmp / "state.pt")
             (tmp / "trainer_state.json").write_text(json.dumps(state))
+
+    def write_sharded_checkpoint(self, tensors: Dict[str, Any], blobs: Dict[str, Any], state: Dict[str, Any]) -> None:
+        """Write ``checkpoint/`` from every rank (a collective): ``tensors`` (nested dicts of tensors and
+        DTensors) through ``torch.distributed.checkpoint`` into ``sharded/`` — each rank writes its
+        shards, so the folder must be on a file system every rank sees — then rank 0 writes ``blobs``
+        (torch.save) and ``state`` (JSON, last) and swaps the folder in, atomically as
+        :meth:`write_checkpoint`."""
+        import torch.distributed.checkpoint as dcp
+
+        from .. import distributed as D
+
+        main = D.is_main_process()
+        with atomic_dir(self.checkpoint) if main else nullcontext() as tmp:
+            tmp = Path(D.broadcast_object(str(tmp) if main else None))
+            dcp.save(tensors, checkpoint_id=str(tmp / SHARDED))
+            if main:
+                torch.save(blobs, tmp / "state.pt")
+                (tmp / "trainer_state.json").write_text(json.dumps(state))
+        D.barrier()  # no rank goes on (or dies) before the checkpoint is in place
+
+    @staticmethod
+    def is_sharded(path: Path) -> bool:
+        """Whether the checkpoint at ``path`` was written by :meth:`write_sharded_checkpoint`."""
+        return (Path(path) / SHARDED / ".metadata").is_file()
+
+    @staticmethod
+    def load_sharded(path: Path, tensors: Dict[str, Any]) -> None:
+        """Fill ``tensors`` (nested dicts of tensors or DTensors of the saved shapes, placed as this run
+        wants them) in place from the sharded checkpoint at ``path``, resharding to this run's world
+        size (one process included)."""
+        import torch.distributed.checkpoint as dcp
+
+        dcp.load(tensors, checkpoint_id=str(Path(path) / SHARDED))
 
     def find_checkpoint(self, path: Optional[Path] = None, where: str = "fastft.Trainer.resume") -> Path:
         """The complete checkpoint at ``path`` (default ``<run>/checkpoint``), or the ``.old`` one a

@@ -204,10 +204,11 @@ class Trainer:
     ``metrics.jsonl``, an atomic resumable ``checkpoint/``, the final ``model/`` and ``curves.png``.
 
     Under ``torchrun`` (see :mod:`fastft.distributed`) the same call trains data-parallel: nccl on
-    GPUs, gloo on CPU; DDP; ``batch_size`` is the global batch (N ranks each take every N-th example;
-    N must divide it); accumulation all-reduces only on the last micro-batch (``no_sync``);
-    validation is sharded and its metrics computed from the gathered predictions on every rank (so
-    every rank logs, early-stops and restores the same); only rank 0 shows progress and writes files.
+    GPUs, gloo on CPU; DDP, or FSDP2 with ``distributed="fsdp2"``; ``batch_size`` is the global batch
+    (N ranks each take every N-th example; N must divide it); accumulation communicates only on the
+    last micro-batch (``no_sync`` / ``set_requires_gradient_sync``); validation is sharded and its
+    metrics computed from the gathered predictions on every rank (so every rank logs, early-stops and
+    restores the same); only rank 0 shows progress and writes files.
 
     Args:
         model: the ``nn.Module`` to train (moved to ``device``).
@@ -298,8 +299,8 @@ class Trainer:
             :func:`fastft.linear_cross_entropy` from the backbone's hidden states and the LM head's
             weight, without the ``[B, T, V]`` logits (replay's LM loss too); equal to the model's own
             loss to fp32 tolerance. Models whose head is not a plain linear map (soft-capping, logit
-            scaling; see :func:`fastft.lm.fused_lm_parts`) and runs under torchrun (where the forward
-            must go through DDP) take the model's own loss. Default True.
+            scaling; see :func:`fastft.lm.fused_lm_parts`) take the model's own loss. Under torchrun
+            the fused loss runs inside the DDP / FSDP2 module's own call. Default True.
         generation_metrics: metrics of generated text (``"rouge_l"``, ``"rouge1"``, ``"rouge2"``,
             ``"bleu"``, ``"exact_match"``, ``"token_f1"``; see
             :func:`fastft.train.metrics.generation_scores`) computed at each evaluation on the
@@ -312,6 +313,19 @@ class Trainer:
             :meth:`generate`. Default ``{}``.
         save_merged: for a ``peft`` (LoRA) model, also save the base model with the adapter merged
             into it, in ``model/merged/`` (loadable with transformers alone). Default False.
+        distributed: how to train under torchrun (in one process nothing changes but the checkpoint
+            format): ``"ddp"`` (default) — DistributedDataParallel, every rank holds the whole model,
+            gradients and optimizer state (20 bytes per fp32 parameter with L2-to-init); ``"fsdp2"`` —
+            PyTorch's FSDP2 (``torch.distributed.fsdp.fully_shard``) on every transformer block
+            (:func:`fastft.find_layers`; a model without one is sharded as one unit) and on the model:
+            parameters, gradients, AdamW moments and L2-to-init anchors sharded over the N ranks
+            (20 / N bytes per parameter), the forward's weights in the ``precision`` dtype (FSDP2's
+            ``MixedPrecisionPolicy``, gradients reduced in fp32). With ``"fsdp2"`` checkpoints are
+            sharded (``torch.distributed.checkpoint``, ``checkpoint/sharded/``) and resume under any
+            world size that divides ``batch_size`` (one process included), the final ``model/`` is
+            gathered into one folder by rank 0, and every rank must call ``evaluate`` / ``predict``
+            (each forward is collective). Not with :class:`fastft.Replay`'s own ``lm=`` (its LM must
+            be the trained model), ``cache_frozen`` or mixed multi-task batches.
 
     Generative data (with ``tokenizer`` and a causal LM): ``{"prompt": str, "completion": str}``
     examples train on the completion (and the tokenizer's EOS) only; ``{"messages": [{"role",
@@ -329,7 +343,8 @@ class Trainer:
         TypeError: ``model`` is not an ``nn.Module``, or data of a form the trainer does not read.
         ValueError: an argument out of range or of the wrong kind (the message names it), empty data,
             a label outside ``[0, num_labels)`` (naming ``train_data[i]`` / ``val_data[i]``), a
-            sharded (DTensor) model, or a ``batch_size`` the torchrun processes cannot split.
+            sharded (DTensor) model (pass it unsharded; ``distributed="fsdp2"`` shards it), or a
+            ``batch_size`` the torchrun processes cannot split.
     """
 
     #: The name errors of this trainer start with.
@@ -351,15 +366,27 @@ class Trainer:
                  device: Optional[str] = None, replay: Any = None, find_unused_parameters: bool = True,
                  new_modules: Sequence[Any] = (), labels: Optional[Sequence[Any]] = None,
                  fused_lm_loss: bool = True, generation_metrics: Sequence[str] = (),
-                 generation_kwargs: Optional[Dict[str, Any]] = None, save_merged: bool = False) -> None:
+                 generation_kwargs: Optional[Dict[str, Any]] = None, save_merged: bool = False,
+                 distributed: str = "ddp") -> None:
         where = self.where
         if not isinstance(model, nn.Module):
             raise TypeError(f"{where}: model must be an nn.Module, got {type(model).__name__}")
         if any(D.is_dtensor(p) for p in model.parameters()):
             raise ValueError(f"{where}: the model's parameters are DTensors (sharded with FSDP2 or tensor "
-                             "parallelism); the trainers train data-parallel with DDP on a whole model. Pass the "
-                             "unsharded model under torchrun, or drive the sharded one with fastft.AdamW in your "
-                             "own loop")
+                             "parallelism); the trainers shard a whole model themselves. Pass the unsharded model "
+                             "with distributed='fsdp2' under torchrun, or drive the sharded one with fastft.AdamW "
+                             "in your own loop")
+        if distributed not in D.STRATEGIES:
+            raise ValueError(f"{where}: distributed must be one of {D.STRATEGIES} (how torchrun processes share "
+                             f"the model), got {distributed!r}")
+        if distributed == "fsdp2" and cache_frozen:
+            raise ValueError(f"{where}: cache_frozen=True cannot train with distributed='fsdp2': a rank that reads the "
+                             "frozen prefix's output from its cache skips the collective gathers of those blocks "
+                             "that the other ranks make; use one of the two")
+        if distributed == "fsdp2" and replay is not None and replay.lm is not None and replay.lm is not model:
+            raise ValueError(f"{where}: distributed='fsdp2' shards the trained model, and Replay's own lm= would "
+                             "call its shared encoder outside the sharded model; replay with the trained model as "
+                             "the LM (leave lm= out) or use distributed='ddp'")
         for name, value, low in (("epochs", epochs, 1), ("batch_size", batch_size, 1),
                                  ("gradient_accumulation", gradient_accumulation, 1)):
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
@@ -400,6 +427,9 @@ class Trainer:
 
         self.distributed = D.init_distributed()
         self.rank, self.world_size = D.get_rank(), D.get_world_size()
+        #: ``"ddp"`` or ``"fsdp2"`` (see ``distributed``); ``sharded``: the model is FSDP2-sharded.
+        self.strategy = distributed
+        self.sharded = distributed == "fsdp2" and self.distributed
         if batch_size % self.world_size:
             raise ValueError(f"{where}: batch_size is the global batch and must be divisible by the "
                              f"{self.world_size} processes (each trains on batch_size / {self.world_size}); got "
@@ -436,7 +466,7 @@ class Trainer:
         self._check_monitor()
         # Terms of the model's own mean loss per example (target tokens for token-level labels): the
         # weights that make a step's loss the same however its batch is split (see _micro_loss).
-        causal = lm_kind(model) == "causal"
+        causal = self._causal = lm_kind(model) == "causal"
         self.train_terms = [1 if loss_fn is not None else loss_terms(e, causal) for e in self.train_examples]
         self.train_lengths = [example_length(e) for e in self.train_examples]
 
@@ -449,6 +479,9 @@ class Trainer:
                                  f"{batch_size}")
             self.task_batch_size = batch_size - r
 
+        self._skeleton = None
+        if self.sharded:  # first: the freeze plan must hold the sharded parameters
+            self._shard_model()
         self.freeze_plan = None
         if freeze is not None:
             from ..freezing import freeze_layers
@@ -462,7 +495,8 @@ class Trainer:
             except ValueError as e:
                 self.freeze_plan.unfreeze_all()
                 raise ValueError(f"{where}: cache_frozen=True: {e}") from None
-        self.model.to(self.device)
+        if not self.sharded:
+            self.model.to(self.device)
         if replay is not None:
             replay.bind(self.model, tokenizer)
             replay.lm.to(self.device)  # an LM sharing the encoder brings its own head
@@ -492,10 +526,10 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(self.device.type) if precision == "fp16" else None
         self._takes_labels = _forward_takes_labels(self.model)
         #: Whether this run's LM loss goes through fastft.linear_cross_entropy (see ``fused_lm_loss``).
-        self.fused_lm = bool(fused_lm_loss and loss_fn is None and not self.distributed
-                             and has_token_labels(self.train_examples) and fused_lm_parts(self.model) is not None)
+        self.fused_lm = bool(fused_lm_loss and loss_fn is None and has_token_labels(self.train_examples)
+                             and fused_lm_parts(self.model) is not None)
         if replay is not None:
-            replay.fused = bool(fused_lm_loss) and not self.distributed
+            replay.fused = bool(fused_lm_loss)
 
         self.global_step = 0
         self.history: List[Dict[str, float]] = []
@@ -504,8 +538,10 @@ class Trainer:
         self.skipped_steps = 0
         self._position = (0, 0)  # (epoch, next micro-batch) of the next step
         self._run_loss, self._run_count = 0.0, 0  # training loss since the last record
-        #: The module training steps go through (under torchrun the DDP wrapper).
-        self.training_module = D.DDPCache(self.model, self.device, find_unused_parameters=find_unused_parameters)
+        #: The module training steps go through (under torchrun the DDP wrapper; the model itself
+        #: under FSDP2, which shards it in place).
+        self.training_module = (lambda: self.model) if self.sharded else \
+            D.DDPCache(self.model, self.device, find_unused_parameters=find_unused_parameters)
         #: Seconds spent in each part of the training steps so far (host clock; on CUDA the
         #: asynchronous kernels show up where the host waits for them).
         self.timings: Dict[str, float] = {"data": 0.0, "forward": 0.0, "backward": 0.0, "optimizer": 0.0}
@@ -517,6 +553,29 @@ class Trainer:
                           "AMX-BF16 / Arm BF16): every bf16 operation is emulated through conversions, which can "
                           "make training many times slower than fp32. Use precision='fp32' on this CPU", UserWarning,
                           stacklevel=2)
+
+    def _shard_model(self) -> None:
+        """FSDP2 over the ranks (``distributed="fsdp2"`` under torchrun): ``fully_shard`` on every block
+        of :func:`fastft.find_layers` (of the part ``freeze`` freezes) and on the model. Rank 0 first
+        keeps a weightless copy of the model (:func:`fastft.distributed.meta_skeleton`): the structure
+        the gathered weights are saved from at the end."""
+        from ..forgetting import ForgettingMonitor
+        from ..layers import find_layers
+
+        for cb in self.callbacks:
+            if isinstance(cb, ForgettingMonitor) and (cb.lm is not None or lm_kind(self.model) is None):
+                raise ValueError(f"{self.where}: distributed='fsdp2' shards the model, and this ForgettingMonitor "
+                                 "would call a part of it (the encoder, or an LM sharing it) outside the sharded "
+                                 "model's own call; monitor a causal / masked LM through the trained model itself "
+                                 "(no lm=) or use distributed='ddp'")
+        try:
+            blocks = list(find_layers(self._freeze_target()))
+        except ValueError:
+            blocks = []  # no block list: the model is one FSDP unit (sharded at rest, gathered per forward)
+        if D.is_main_process():
+            self._skeleton = D.meta_skeleton(self.model)
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
+        D.fully_shard_model(self.model, blocks, self.device, param_dtype=dtype)
 
     # --- what a specialisation overrides --------------------------------------------------------------
 
@@ -690,14 +749,15 @@ class Trainer:
         """CPU copies of the model's state that training can change (what early stopping keeps): the
         trainable parameters and the buffers — for a LoRA model only the adapter — or the whole
         state when a callback may unfreeze parameters later (:class:`fastft.GradualUnfreezing`).
-        Restore it with ``model.load_state_dict(snapshot, strict=False)``."""
+        Restore it with :func:`fastft.distributed.restore_weights` (``model.load_state_dict(snapshot,
+        strict=False)`` for a model that is not sharded)."""
         from ..freezing import GradualUnfreezing
 
         state = self.model.state_dict()
         if not any(isinstance(cb, GradualUnfreezing) for cb in self.callbacks):
             frozen = {n for n, p in self.model.named_parameters(remove_duplicate=False) if not p.requires_grad}
             state = {k: v for k, v in state.items() if k not in frozen}
-        return {k: v.detach().to("cpu", copy=True) for k, v in state.items()}
+        return D.snapshot_weights(state)  # a sharded model: this rank's shards
 
     # --- set-up helpers ---------------------------------------------------------------------------
 
@@ -732,7 +792,7 @@ class Trainer:
         keys, batch = batch, to_device(batch, self.device)  # the cache reads the host copy
         if self.fused_lm and isinstance(batch, dict):
             with self._autocast():
-                loss = self._through_cache(keys, lambda: fused_causal_lm_loss(module, batch))
+                loss = self._through_cache(keys, lambda: fused_causal_lm_loss(self.model, batch, caller=module))
             if loss is not None:
                 return loss.float(), None, batch.get("labels")
         with self._autocast():
@@ -766,28 +826,40 @@ class Trainer:
     def _evaluate_examples(self, examples: List[Any], forward: Callable[[Any], Tuple[Tensor, Any, Any]],
                            metrics: Sequence) -> Dict[str, float]:
         """Loss and ``metrics`` over ``examples``, each rank taking every N-th (by length) and every rank
-        returning the numbers of the gathered predictions."""
+        returning the numbers of the gathered predictions. The loss is the mean over the loss terms
+        (rows; target tokens for token-level labels), so it does not depend on how the examples are
+        batched or split over the ranks."""
         was_training = self.model.training
         self.model.eval()
         total, count, all_logits, all_labels = 0.0, 0, [], []
         lengths = [example_length(e) for e in examples]
         order = sorted(range(len(examples)), key=lambda i: lengths[i])  # little padding; order does not matter
         order = order[self.rank::self.world_size]
+        batches = math.ceil(len(order) / self.eval_batch_size)
+        if self.sharded:  # every forward is collective under FSDP2: each rank runs as many
+            batches = math.ceil(math.ceil(len(examples) / self.world_size) / self.eval_batch_size)
         try:
-            for i in range(0, len(order), self.eval_batch_size):
-                idx = order[i:i + self.eval_batch_size]
+            for b in range(batches):
+                idx = order[b * self.eval_batch_size:(b + 1) * self.eval_batch_size]
+                if not idx:  # this rank's share has run out: a stand-in forward, not counted
+                    forward(self.collate([examples[0]]))
+                    continue
                 loss, logits, labels = forward(self.collate([examples[j] for j in idx]))
-                total += float(loss) * len(idx)
-                count += len(idx)
+                terms = len(idx) if self.loss_fn is not None else \
+                    sum(loss_terms(examples[j], self._causal) for j in idx)
+                if terms:
+                    total += float(loss) * terms
+                    count += terms
                 if logits is not None and labels is not None and logits.dim() == 2:
                     all_logits.append(logits.float().cpu())
                     all_labels.append(labels.cpu())
         finally:
             self.model.train(was_training)
+            self._reshard()
         logits = torch.cat(all_logits) if all_logits else None
         labels = torch.cat(all_labels) if all_labels else None
         total, count, logits, labels = D.gather_evaluation(total, count, logits, labels)
-        loss = total / count
+        loss = total / count if count else float("nan")
         result = {"loss": loss}
         if logits is not None:
             result.update(compute_metrics(metrics, logits, labels, loss))
@@ -876,7 +948,14 @@ class Trainer:
                 out.append(model_output_field(res, "logits").float().cpu())
         finally:
             self.model.train(was_training)
+            self._reshard()
         return torch.cat(out)
+
+    def _reshard(self) -> None:
+        """Under FSDP2, free the gathered weights a forward without backward left behind: FSDP2 keeps
+        the root's (embeddings, head) gathered after a forward, for the backward that follows in training."""
+        if self.sharded:
+            self.model.reshard()
 
     def predict(self, data: Any) -> Tensor:
         """Logits (float32, ``[N, num_labels]`` for a classifier) for every example of ``data``, in order.
@@ -1060,8 +1139,8 @@ class Trainer:
                                                self.replay.weight if r else 1.0)
         step_loss, step_parts = 0.0, [0.0, 0.0]
         for k, b in enumerate(group):
-            # Without the last micro-batch, DDP need not all-reduce: gradients just accumulate.
-            sync = nullcontext() if not self.distributed or k == len(group) - 1 else module.no_sync()
+            # Before the last micro-batch nothing is communicated: gradients just accumulate.
+            sync = nullcontext() if not self.distributed or k == len(group) - 1 else D.gradient_sync_off(module)
             with sync:
                 contribution = self._micro_loss(module, b, task_scale, replayed[k], replay_scale, replay_terms)
                 if replayed[k]:  # the loss and its task / replay shares, read from the device at once
@@ -1080,6 +1159,8 @@ class Trainer:
                     scaled = contribution * self.world_size  # DDP averages gradients over the ranks
                     (self.scaler.scale(scaled) if self.scaler else scaled).backward()
                 elif self.distributed:
+                    if self.sharded:  # reduce-scatter what earlier micro-batches accumulated, to drop it
+                        module.set_requires_gradient_sync(True)
                     (contribution * 0.0).backward()  # DDP must finish the reduction it started
                 self.timings["backward"] += time.perf_counter() - t_bwd
             if not finite:
@@ -1168,17 +1249,25 @@ class Trainer:
                 top = min(vals, key=lambda r: r["val_loss"])
                 best_epoch, best = top["epoch"], top["val_loss"]
         error = None
+        full = D.full_state_dict(self.model) if self.run_dir and self.sharded else None  # gathered on rank 0
         if self.run_dir and D.is_main_process():
             names = self.label_names
             if isinstance(names, dict):  # MultiTaskTrainer: names per task
                 names = {task: n for task, n in names.items() if n is not None}
             try:
-                self.run_dir.save_model(self.model, tokenizer=self._tokenizer_to_save(), label_names=names,
+                model = self.model
+                if full is not None:
+                    D.materialize(self._skeleton, full)
+                    model = self._skeleton
+                self.run_dir.save_model(model, tokenizer=self._tokenizer_to_save(), label_names=names,
                                         merged=self.save_merged)
             except Exception as e:  # the run's result is still in its checkpoint: say where
                 error = e
             else:
                 self.run_dir.plot_curves(self.history)
+            finally:
+                if full is not None:
+                    D.materialize(self._skeleton, None)  # the gathered weights are freed
             self.run_dir.close()
         if D.any_rank(error is not None):  # every rank raises alike (and none leaves before rank 0 is done)
             cause = f"{type(error).__name__}: {error}" if error is not None else "see rank 0"
@@ -1199,6 +1288,9 @@ class Trainer:
         if not self.run_dir:
             return
         rngs = D.gather_objects(_rng_state())
+        if self.strategy == "fsdp2":
+            self._save_sharded_checkpoint(rngs)
+            return
         if D.is_main_process():
             blobs = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                      "scaler": self.scaler.state_dict() if self.scaler else None,
@@ -1206,14 +1298,73 @@ class Trainer:
                                    for cb in self.callbacks if hasattr(cb, "state_dict")],
                      "replay": self.replay.state_dict() if self.replay is not None else None,
                      "rng": rngs[0], "rng_per_rank": rngs}
-            state = {"global_step": self.global_step, "position": list(self._position), "history": self.history,
-                     "skipped_steps": self.skipped_steps, "stopped_early": self.stopped_early,
-                     "run_loss": self._run_loss, "run_count": self._run_count, "run_parts": self._run_parts,
-                     "amp_skipped_steps": self.amp_skipped_steps,
-                     "freeze_plan": self.freeze_plan.state_dict() if self.freeze_plan is not None else None,
-                     "world_size": self.world_size, "batch_size": self.batch_size, "extra": self._extra_state()}
-            self.run_dir.write_checkpoint(self.model, blobs, state)
+            self.run_dir.write_checkpoint(self.model, blobs, self._state())
         D.barrier()  # no rank goes on (or dies) before the checkpoint is complete
+
+    def _state(self) -> Dict[str, Any]:
+        """The JSON part of a checkpoint (``trainer_state.json``)."""
+        return {"global_step": self.global_step, "position": list(self._position), "history": self.history,
+                "skipped_steps": self.skipped_steps, "stopped_early": self.stopped_early,
+                "run_loss": self._run_loss, "run_count": self._run_count, "run_parts": self._run_parts,
+                "amp_skipped_steps": self.amp_skipped_steps,
+                "freeze_plan": self.freeze_plan.state_dict() if self.freeze_plan is not None else None,
+                "world_size": self.world_size, "batch_size": self.batch_size, "extra": self._extra_state()}
+
+    def _save_sharded_checkpoint(self, rngs: List[Any]) -> None:
+        """``distributed="fsdp2"``: every rank writes its shards of the weights, the optimizer state
+        (moments, anchors) and the callbacks' tensors (e.g. early stopping's best weights) through
+        ``torch.distributed.checkpoint``; rank 0 the rest (see :meth:`RunDir.write_sharded_checkpoint`)."""
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+        from .run_dir import extract_tensors
+
+        tensors: Dict[str, Any] = {"model": get_model_state_dict(self.model)}
+        stepped = bool(self.optimizer.state)  # before any step, a state_dict would invent the state
+        if stepped:
+            tensors["optimizer"] = get_optimizer_state_dict(self.model, self.optimizer)
+        callbacks = [{"type": type(cb).__qualname__,
+                      "state": extract_tensors(cb.state_dict(), f"callbacks/{i}", tensors)}
+                     for i, cb in enumerate(self.callbacks) if hasattr(cb, "state_dict")]
+        blobs = {"optimizer": None, "optimizer_state": sorted(tensors["optimizer"]["state"]) if stepped else None,
+                 "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict() if self.scaler else None,
+                 "callbacks": callbacks, "replay": self.replay.state_dict() if self.replay is not None else None,
+                 "rng": rngs[0], "rng_per_rank": rngs}
+        self.run_dir.write_sharded_checkpoint(tensors, blobs, self._state())
+
+    def _load_sharded_checkpoint(self, path: Path, blobs: Dict[str, Any]) -> None:
+        """Weights, optimizer state and the callbacks' tensors of a sharded checkpoint, resharded to this
+        run (sharded or one process); the callbacks' tensors are put back into ``blobs``."""
+        from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_optimizer_state_dict,
+                                                             set_model_state_dict, set_optimizer_state_dict)
+
+        from .run_dir import insert_tensors, tensor_refs
+
+        tensors: Dict[str, Any] = {"model": get_model_state_dict(self.model)}
+        if blobs["optimizer_state"] is not None:
+            self.optimizer.state.clear()
+            optim = get_optimizer_state_dict(self.model, self.optimizer)  # creates the state to load into
+            keep = set(blobs["optimizer_state"])  # parameters never stepped then have no state now either
+            optim["state"] = {k: v for k, v in optim["state"].items() if k in keep}
+            tensors["optimizer"] = optim
+        mesh = next((p.device_mesh for p in self.model.parameters() if D.is_dtensor(p)), None)
+        for ref in tensor_refs(blobs["callbacks"]):
+            dtype = getattr(torch, ref["dtype"])
+            if ref["sharded"] and mesh is not None:
+                from torch.distributed.tensor import Replicate, Shard
+                from torch.distributed.tensor import empty as dtensor_empty
+
+                placement = Shard(0) if ref["shape"] else Replicate()
+                tensors[ref["__fastft_tensor__"]] = dtensor_empty(ref["shape"], dtype=dtype, device_mesh=mesh,
+                                                                  placements=[placement])
+            else:
+                tensors[ref["__fastft_tensor__"]] = torch.empty(ref["shape"], dtype=dtype)
+        RunDir.load_sharded(path, tensors)
+        set_model_state_dict(self.model, tensors["model"])
+        if "optimizer" in tensors:
+            set_optimizer_state_dict(self.model, self.optimizer, tensors["optimizer"])
+        else:
+            self.optimizer.state.clear()
+        blobs["callbacks"] = insert_tensors(blobs["callbacks"], tensors)
 
     def _readable_checkpoint(self, path: Optional[Path]) -> Path:
         if path is None and not self.run_dir:
@@ -1229,8 +1380,14 @@ class Trainer:
                              f"this trainer has batch_size={self.batch_size}; build it with the same arguments")
         if self.freeze_plan is not None and state.get("freeze_plan") is not None:
             self.freeze_plan.load_state_dict(state["freeze_plan"])
-        RunDir.load_weights(path, self.model, self.device)
-        self.optimizer.load_state_dict(blobs["optimizer"])
+        if RunDir.is_sharded(path):
+            self._load_sharded_checkpoint(path, blobs)
+        elif self.sharded:
+            raise ValueError(f"{self.where}.resume: {path} was written by a distributed='ddp' run (one "
+                             "model.safetensors); resume it with distributed='ddp'")
+        else:
+            RunDir.load_weights(path, self.model, self.device)
+            self.optimizer.load_state_dict(blobs["optimizer"])
         self.scheduler.load_state_dict(blobs["scheduler"])
         if self.scaler is not None and blobs["scaler"] is not None:
             self.scaler.load_state_dict(blobs["scaler"])
