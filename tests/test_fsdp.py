@@ -218,3 +218,36 @@ def test_fsdp2_gradual_unfreezing_thaws_sharded_blocks(tmp_path):
     assert got["first"][0] > 0 and got["first"][1] == 0  # frozen blocks: sharded, never stepped
     for key, want in single.model.state_dict().items():
         torch.testing.assert_close(got["weights"][key], want, rtol=1e-5, atol=1e-6)
+
+
+# --- validation by generation: the ranks' generate() calls stay in step ----------------------------------
+
+
+def _generating():
+    from lm_helpers import tiny_bpe_tokenizer, tiny_llama
+
+    tok = tiny_bpe_tokenizer()
+    pc = [{"prompt": f"Summarise: the weather in city {i} was mild. Answer:", "completion": f" city {i}"}
+          for i in range(12)]
+    return fastft.Trainer(tiny_llama(len(tok)), pc, pc[:5], tokenizer=tok, epochs=1, batch_size=4, lr=1e-2,
+                          eval_batch_size=2, generation_metrics=("token_f1", "rouge_l"),
+                          generation_kwargs={"max_new_tokens": 6}, progress=False, device="cpu",
+                          distributed="fsdp2")
+
+
+def _generate_and_save(result_file):
+    trainer = _generating()
+    result = trainer.fit()
+    torch.save({"history": result.history, "text": trainer.generate(["Summarise: the weather"])},
+               f"{result_file}.{D.get_rank()}")
+
+
+def test_fsdp2_validation_by_generation(tmp_path):
+    launch(_generate_and_save, str(tmp_path / "res"))  # 5 prompts: 3 on rank 0, 2 (+ a stand-in) on rank 1
+    single = _generating()
+    want = single.fit().history[-1]
+    for rank in (0, 1):
+        got = torch.load(tmp_path / f"res.{rank}")
+        for key in ("val_token_f1", "val_rouge_l", "val_loss"):
+            assert got["history"][-1][key] == pytest.approx(want[key], rel=1e-5), key
+        assert got["text"] == single.generate(["Summarise: the weather"])

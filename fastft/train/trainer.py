@@ -576,6 +576,8 @@ class Trainer:
             self._skeleton = D.meta_skeleton(self.model)
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
         D.fully_shard_model(self.model, blocks, self.device, param_dtype=dtype)
+        # transformers' generate() then keeps the ranks' forwards in step (synced_gpus) until all are done.
+        self.model._is_fsdp_managed_module = True
 
     # --- what a specialisation overrides --------------------------------------------------------------
 
@@ -898,7 +900,11 @@ class Trainer:
 
         order = list(range(len(data.prompts)))[self.rank::self.world_size]
         kwargs = {"batch_size": self.eval_batch_size, "seed": self.seed, **self.generation_kwargs}
-        mine = generate(self.model, self.tokenizer, [data.prompts[i] for i in order], **kwargs) if order else []
+        prompts = [data.prompts[i] for i in order]
+        if self.sharded:  # every forward is collective: as many prompts (stand-ins dropped) on every rank
+            prompts += [data.prompts[0]] * (math.ceil(len(data.prompts) / self.world_size) - len(prompts))
+        mine = generate(self.model, self.tokenizer, prompts, **kwargs)[:len(order)] if prompts else []
+        self._reshard()
         predictions: List[Any] = [None] * len(data.prompts)
         for part_order, part in zip([list(range(len(data.prompts)))[r::self.world_size]
                                      for r in range(self.world_size)], D.gather_objects(mine)):
@@ -931,8 +937,10 @@ class Trainer:
             if isinstance(p, (list, tuple)) and p and isinstance(p[0], dict):
                 p = self.tokenizer(render_chat_prompt(self.tokenizer, p), add_special_tokens=False)["input_ids"]
             rendered.append(p)
-        return generate(self.model, self.tokenizer, rendered,
-                        **{"batch_size": self.eval_batch_size, "seed": self.seed, **self.generation_kwargs, **kwargs})
+        out = generate(self.model, self.tokenizer, rendered,
+                       **{"batch_size": self.eval_batch_size, "seed": self.seed, **self.generation_kwargs, **kwargs})
+        self._reshard()
+        return out
 
     @torch.no_grad()
     def _predict_examples(self, examples: List[Any], run: Callable[[Any], Any]) -> Tensor:
