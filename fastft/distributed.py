@@ -334,6 +334,9 @@ def restore_weights(model: torch.nn.Module, weights: Dict[str, torch.Tensor]) ->
     unknown = sorted(set(weights) - set(targets))
     if unknown:
         raise KeyError(f"fastft: the snapshot has entries the model does not: {unknown[:5]}")
+    if not any(is_dtensor(t) for t in list(targets.values()) + list(weights.values())):
+        model.load_state_dict(weights, strict=False)  # the model's own loading (and its hooks)
+        return
     for name, value in weights.items():
         target = targets[name]
         if is_dtensor(target):
