@@ -31,9 +31,10 @@ The two strategies (``Trainer(distributed=...)``):
   gradients per step. Checkpoints are one ``model.safetensors`` + ``state.pt`` written by rank 0.
 * ``"fsdp2"``: :func:`fully_shard_model` shards every transformer block (:func:`fastft.find_layers`)
   and the rest of the model over the N ranks (parameters, gradients, moments and anchors: 20 / N
-  bytes per fp32 parameter, plus one block's gathered weights at a time); each block's weights are
-  all-gathered for its forward and backward and its gradients reduce-scattered. Checkpoints are
-  sharded (``torch.distributed.checkpoint``); the final model is gathered into one folder by rank 0.
+  bytes per fp32 parameter, plus during a step the gathered weights of the root and of a block or
+  two); each block's weights are all-gathered for its forward and backward and its gradients
+  reduce-scattered. Checkpoints are sharded (``torch.distributed.checkpoint``); the final model is
+  gathered into one folder by rank 0.
 """
 
 from __future__ import annotations
