@@ -354,7 +354,8 @@ def test_multitask_two_processes_train_like_one(tmp_path, mix):
 # --- the command line under torchrun --------------------------------------------------------------
 
 
-def test_torchrun_cli_finetune(tmp_path):
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
+def test_torchrun_cli_finetune(tmp_path, strategy):
     transformers = pytest.importorskip("transformers")
     yaml = pytest.importorskip("yaml")
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [f"w{i}" for i in range(40)]
@@ -374,7 +375,8 @@ def test_torchrun_cli_finetune(tmp_path):
     (tmp_path / "data.csv").write_text("\n".join(rows) + "\n")
     cfg = {"model": {"path": str(model_dir), "pool": "mean", "num_labels": 2},
            "data": {"source": str(tmp_path / "data.csv"), "split": [0.6, 0.2, 0.2]},
-           "trainer": {"epochs": 2, "batch_size": 8, "lr": 1e-3, "metrics": ["accuracy"], "checkpoint_every": 2},
+           "trainer": {"epochs": 2, "batch_size": 8, "lr": 1e-3, "metrics": ["accuracy"], "checkpoint_every": 2,
+                       "distributed": strategy},
            "output_dir": str(tmp_path / "run")}
     (tmp_path / "job.yaml").write_text(yaml.safe_dump(cfg))
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", CUDA_VISIBLE_DEVICES="")
@@ -389,6 +391,16 @@ def test_torchrun_cli_finetune(tmp_path):
     assert len((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) == 2
     assert json.loads((tmp_path / "run" / "checkpoint" / "trainer_state.json").read_text())["world_size"] == 2
     assert Path(tmp_path / "run" / "model").is_dir()
+    if strategy == "fsdp2":  # a sharded checkpoint; the model gathered into the usual fastft folder
+        assert (tmp_path / "run" / "checkpoint" / "sharded" / ".metadata").is_file()
+        from fastft import SequenceClassifier
+
+        SequenceClassifier.from_pretrained(tmp_path / "run" / "model")
+        # One process reads the sharded checkpoint back (the pooler, never stepped, has no optimizer state).
+        proc = subprocess.run([sys.executable, "-m", "fastft", "finetune", str(tmp_path / "job.yaml"), "--no-progress",
+                               "--resume"], capture_output=True, text=True, env=env, timeout=300)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        assert json.loads((tmp_path / "run" / "summary.json").read_text())["global_step"] == 12
 
 
 # --- gradual unfreezing: DDP is rebuilt as blocks thaw ----------------------------------------------

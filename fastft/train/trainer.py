@@ -1342,8 +1342,9 @@ class Trainer:
     def _load_sharded_checkpoint(self, path: Path, blobs: Dict[str, Any]) -> None:
         """Weights, optimizer state and the callbacks' tensors of a sharded checkpoint, resharded to this
         run (sharded or one process); the callbacks' tensors are put back into ``blobs``."""
-        from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_optimizer_state_dict,
-                                                             set_model_state_dict, set_optimizer_state_dict)
+        from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                             get_optimizer_state_dict, set_model_state_dict,
+                                                             set_optimizer_state_dict)
 
         from .run_dir import insert_tensors, tensor_refs
 
@@ -1369,7 +1370,10 @@ class Trainer:
         RunDir.load_sharded(path, tensors)
         set_model_state_dict(self.model, tensors["model"])
         if "optimizer" in tensors:
-            set_optimizer_state_dict(self.model, self.optimizer, tensors["optimizer"])
+            # strict=False: parameters that require gradients but were never stepped (a pooler the loss
+            # does not use) have no state, in the checkpoint and after loading alike.
+            set_optimizer_state_dict(self.model, self.optimizer, tensors["optimizer"],
+                                     options=StateDictOptions(strict=False))
         else:
             self.optimizer.state.clear()
         blobs["callbacks"] = insert_tensors(blobs["callbacks"], tensors)
