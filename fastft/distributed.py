@@ -5,8 +5,9 @@ fastft does no communication of its own: gradients are averaged by
 :class:`torch.nn.parallel.DistributedDataParallel` (``distributed="ddp"``) or reduce-scattered by
 PyTorch's FSDP2 (``torch.distributed.fsdp.fully_shard``, ``distributed="fsdp2"``), sharded
 checkpoints are written by ``torch.distributed.checkpoint``, and the trainers use ``all_reduce`` /
-``all_gather_object`` / ``barrier`` for metrics and decisions that must agree on every rank. Without a process group (a plain ``python`` run) every
-helper here is the one-process identity, so the same code runs everywhere.
+``all_gather_object`` / ``barrier`` for metrics and decisions that must agree on every rank.
+Without a process group (a plain ``python`` run) every helper here is the one-process identity, so
+the same code runs everywhere.
 
 Conventions of the trainers under ``torchrun --nproc_per_node=N``:
 

@@ -168,7 +168,8 @@ def fused_lm_parts(lm: nn.Module) -> Optional[Tuple[nn.Module, nn.Linear]]:
     return backbone, head
 
 
-def fused_causal_lm_loss(lm: nn.Module, batch: Dict[str, Tensor], caller: Optional[nn.Module] = None) -> Optional[Tensor]:
+def fused_causal_lm_loss(lm: nn.Module, batch: Dict[str, Tensor],
+                         caller: Optional[nn.Module] = None) -> Optional[Tensor]:
     """The token-mean next-token loss of ``batch`` (``input_ids``, ``labels`` [B, T] with -100 where
     nothing is predicted, ``attention_mask``...) computed as the model's own loss is — labels shifted
     by one, the mean over the targets — through :func:`fastft.linear_cross_entropy`, without the
