@@ -90,7 +90,7 @@ def build_info() -> dict:
         "extension": c is not None,
         "cuda": bool(c is not None and c.cuda),
         "cuda_archs": c.cuda_archs if c is not None else "",
-        "cuda_version": c.cuda_version if c is not None else "",
+        "cuda_version": getattr(c, "cuda_version", ""),
         "built_with_torch": c.torch_version if c is not None else None,
         "min_torch": "{}.{}".format(*_ext.MIN_TORCH),
         "kernel_devices": sorted(_ext.KERNEL_DEVICES),

@@ -29,7 +29,7 @@ LOAD_ERROR: Optional[str] = None
 CUDA_ERROR: Optional[str] = None
 
 _REBUILD = ("build fastft from source against this torch (`pip install --no-build-isolation .` in a fastft "
-            "checkout; README, Install)")
+            "checkout; README: Building)")
 
 
 def torch_version_tuple(version: str) -> Tuple[int, int]:
@@ -74,7 +74,8 @@ else:
               f"{MIN_TORCH[0]}.{MIN_TORCH[1]}; otherwise {_REBUILD}.")
         _C = None
     else:
-        CUDA_ERROR = cuda_mismatch(_C.cuda_version, torch.version.cuda)
+        # getattr: a _C built before the stable-ABI port (no cuda_version) still loads and runs.
+        CUDA_ERROR = cuda_mismatch(getattr(_C, "cuda_version", ""), torch.version.cuda)
         if CUDA_ERROR is not None:
             _warn(CUDA_ERROR)
 
