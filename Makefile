@@ -4,13 +4,19 @@
 PYTHON      ?= python3
 VENV        ?= .venv
 CUDA_VENV   ?= .venv-cuda
+WHEEL_VENV  ?= .venv-wheel
 TORCH_CPU   ?= torch==2.13.0
-TORCH_CUDA  ?= torch==2.14.1
+# The CUDA wheel is built against the oldest torch fastft supports (its stable ABI target, CMakeLists.txt).
+TORCH_CUDA  ?= torch==2.11.0
 CUDA_HOME   ?= /usr/local/cuda
+CUDA_ARCHS  ?= 80;90
+# A second CPython for a second CUDA wheel (pyenv's on these machines; Debian 12 packages only 3.11).
+PYTAG        = $(shell $(PYTHON) -c 'import sys; print(f"cp{sys.version_info.major}{sys.version_info.minor}")')
+PYTHON2     ?= $(firstword $(wildcard $(HOME)/.pyenv/versions/3.12*/bin/python3))
 BUILD_DEPS  := "scikit-build-core>=0.10" ninja "cmake>=3.26" pybind11 numpy
 SOURCES     := pyproject.toml CMakeLists.txt $(shell find csrc -type f 2>/dev/null)
 
-.PHONY: install data test demo bench experiments headlines cuda-wheel clean
+.PHONY: install data test demo bench experiments headlines cuda-wheel wheel-test cuda-wheel2 print-python2 clean
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -62,16 +68,23 @@ experiments: install $(VENV)/.smollm2
 headlines: install $(VENV)/.smollm2
 	HF_HUB_OFFLINE=1 $(VENV)/bin/python experiments/headlines.py
 
-# A CUDA wheel built against torch 2.14.1 (CUDA 13.0, matching nvcc 13.0) in its own venv, then
-# installed on this GPU-less machine and checked: CUDA kernels compiled in, CPU path still right.
+# A CUDA wheel (SASS for CUDA_ARCHS, PTX for the newest) built once against $(TORCH_CUDA), CUDA 13.0 like
+# nvcc in $(CUDA_HOME), in its own venv, and checked there under the torch it was built against.
 cuda-wheel:
-	test -x $(CUDA_VENV)/bin/python || $(PYTHON) -m venv $(CUDA_VENV)
-	$(CUDA_VENV)/bin/pip install -q $(TORCH_CUDA) $(BUILD_DEPS)
-	rm -f dist/fastft-*.whl
-	PATH=$(CUDA_HOME)/bin:$$PATH CUDACXX=$(CUDA_HOME)/bin/nvcc FASTFT_CUDA=ON \
-	  $(CUDA_VENV)/bin/pip wheel --no-build-isolation --no-deps -C build-dir=build/cuda -w dist .
-	$(CUDA_VENV)/bin/pip install -q --force-reinstall --no-deps dist/fastft-*.whl
-	cd /tmp && $(abspath $(CUDA_VENV))/bin/python $(abspath .ci/check_wheel.py) --expect-cuda
+	CUDA_HOME=$(CUDA_HOME) CUDA_ARCHS="$(CUDA_ARCHS)" bash .ci/build_cuda_wheel.sh $(PYTHON) $(CUDA_VENV) "$(TORCH_CUDA)"
+
+# That same wheel installed beside the test environment's torch ($(TORCH_CPU), CPU build: another and newer
+# torch) and its kernel tests run against it, outside the source tree.
+wheel-test: cuda-wheel install
+	bash .ci/test_wheel.sh "$$(ls dist/fastft-*-$(PYTAG)-*.whl)" $(VENV) $(WHEEL_VENV)
+
+# The CUDA wheel for the second CPython (the GPU machines run Python 3.12), checked under its torch.
+cuda-wheel2:
+	test -n "$(PYTHON2)" || { echo "no second CPython found (PYTHON2=...)"; exit 1; }
+	CUDA_HOME=$(CUDA_HOME) CUDA_ARCHS="$(CUDA_ARCHS)" bash .ci/build_cuda_wheel.sh $(PYTHON2) $(CUDA_VENV)2 "$(TORCH_CUDA)"
+
+print-python2:
+	@echo $(PYTHON2)
 
 clean:
 	rm -rf build dist *.egg-info $(VENV)/.fastft-installed runs

@@ -1,12 +1,16 @@
 #!/usr/bin/env bash
 # Everything a GPU machine has to show, in one call (well under 10 minutes):
-#   1. build fastft with CUDA for this card, print fastft.build_info()
+#   1. install the prebuilt CUDA wheel from dist/ when there is one for this Python (`make cuda-wheel` /
+#      `make cuda-wheel2`: built against torch 2.11, the oldest fastft supports; carry dist/ along), else
+#      build fastft with CUDA for this card from source; print fastft.build_info()
 #   2. every CUDA test under tests/ (test_adamw/optim, test_pooling, test_linear_ce, ...: kernels against
 #      the references, every dtype, chunk/launch boundaries), then cross_entropy_rows_ past 2^31 elements
 #   3. compute-sanitizer memcheck and racecheck over a small optimizer step, pooling fwd/bwd and
 #      cross_entropy_rows_ (odd vocab, unaligned rows, ignored rows, row_scale)
 #   4. benchmarks (CUDA-event medians), the table printed last and written to benchmarks/results/
-# Needs: torch with CUDA, nvcc, cmake, ninja, scikit-build-core, pytest (no network).
+# Needs: torch >= 2.11 with CUDA 13, pytest; to build from source also nvcc, cmake, ninja, scikit-build-core
+# (no network). Everything runs with `python -P` (no current directory on sys.path), so the installed
+# fastft is the one tested: the wheel, or the editable build.
 # Results are also copied to $OUT when it is set (the device tool brings $OUT back).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -21,14 +25,21 @@ step() { echo; echo "== $*" | tee -a "$LOG"; }
 
 ARCH=$($PY -c "import torch; c = torch.cuda.get_device_capability(); print(f'{c[0]}{c[1]}')")
 GPU=$($PY -c "import torch; print(torch.cuda.get_device_name())")
-step "build for sm_$ARCH ($GPU), torch $($PY -c 'import torch; print(torch.__version__)')"
-FASTFT_CUDA=ON FASTFT_CUDA_ARCHS=$ARCH $PY -m pip install -q --no-index --no-build-isolation --no-deps \
-  -C build-dir=build/gpu -C build.verbose=false -e . 2>&1 | tail -20 | tee -a "$LOG"
-$PY -c "import fastft, json; i = fastft.build_info(); print(json.dumps(i)); assert i['cuda'] and i['extension'], i" \
-  2>&1 | tee -a "$LOG" || { echo "build failed"; exit 1; }
+TAG=$($PY -c "import sys; print(f'cp{sys.version_info.major}{sys.version_info.minor}')")
+WHEEL=$(ls dist/fastft-*-"$TAG"-*.whl 2>/dev/null | head -1)
+if [ -n "$WHEEL" ]; then
+  step "install the prebuilt $WHEEL on sm_$ARCH ($GPU), torch $($PY -c 'import torch; print(torch.__version__)')"
+  $PY -m pip install -q --no-index --no-deps --force-reinstall "$WHEEL" 2>&1 | tail -20 | tee -a "$LOG"
+else
+  step "no prebuilt wheel for $TAG in dist/: build for sm_$ARCH ($GPU), torch $($PY -c 'import torch; print(torch.__version__)')"
+  FASTFT_CUDA=ON FASTFT_CUDA_ARCHS=$ARCH $PY -m pip install -q --no-index --no-build-isolation --no-deps \
+    -C build-dir=build/gpu -C build.verbose=false -e . 2>&1 | tail -20 | tee -a "$LOG"
+fi
+$PY -P -c "import fastft, json; i = fastft.build_info(); print(fastft.__file__, json.dumps(i)); assert i['cuda'] and i['extension'] and 'cuda' in i['kernel_devices'], i" \
+  2>&1 | tee -a "$LOG" || { echo "fastft with CUDA kernels could not be loaded"; exit 1; }
 
 step "CUDA tests"
-timeout 300 $PY -m pytest -q -x tests -k "cuda" 2>&1 | tail -25 | tee -a "$LOG"
+timeout 300 $PY -P -m pytest -q -x tests -k "cuda" 2>&1 | tail -25 | tee -a "$LOG"
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 # (tests/test_linear_ce.py is part of the run above.) Logits past 2^31 elements (8.6 GB, too big for a
 # test): the row offsets r * V need 64 bits.
@@ -45,7 +56,7 @@ torch.testing.assert_close(loss[-3:], want, rtol=1e-5, atol=1e-5)
 torch.testing.assert_close(x[-3:], tail, rtol=1e-5, atol=1e-9)
 print(f"cross_entropy_rows_ [{n}, {V}] = {n * V} elements: last rows match the reference")
 '
-timeout 120 $PY -c "$BIG" 2>&1 | tail -4 | tee -a "$LOG"
+timeout 120 $PY -P -c "$BIG" 2>&1 | tail -4 | tee -a "$LOG"
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 
 step "compute-sanitizer"
@@ -82,9 +93,9 @@ for n, V in ((9, 7), (5, 4099), (3, 20011), (4, 20012)):
 torch.cuda.synchronize()
 '
 if command -v compute-sanitizer >/dev/null; then
-  timeout 240 compute-sanitizer --tool memcheck --error-exitcode 1 $PY -c "$CASE" 2>&1 | tail -4 | tee -a "$LOG"
+  timeout 240 compute-sanitizer --tool memcheck --error-exitcode 1 $PY -P -c "$CASE" 2>&1 | tail -4 | tee -a "$LOG"
   [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
-  timeout 240 compute-sanitizer --tool racecheck --error-exitcode 1 $PY -c "$CASE" 2>&1 | tail -4 | tee -a "$LOG"
+  timeout 240 compute-sanitizer --tool racecheck --error-exitcode 1 $PY -P -c "$CASE" 2>&1 | tail -4 | tee -a "$LOG"
   [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 else
   echo "compute-sanitizer not found" | tee -a "$LOG"; status=1

@@ -5,7 +5,7 @@ Commands::
     fastft finetune CONFIG.yaml [flags]   fine-tune as the config says
     fastft demo [flags]                   the packaged job fastft/demo.yaml (examples/demo.yaml links to it):
                                           all-MiniLM-L6-v2 on Pang & Lee sentence polarity
-    fastft info                           build information as JSON
+    fastft info                           build information as JSON (torch built with / minimum, CUDA archs)
 
 Flags of ``finetune`` and ``demo``::
 
@@ -840,7 +840,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     """Run the ``fastft`` command line; returns the exit status (2 for a bad config)."""
     parser = argparse.ArgumentParser(prog="fastft", description="Fast, forgetting-aware fine-tuning.")
     sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("info", help="print build information (version, torch, kernels, CUDA) as JSON")
+    sub.add_parser("info", help="print build information as JSON: the torch the kernels were built against "
+                   "(built_with_torch), the oldest they load under (min_torch), CUDA version and architectures")
     ft = sub.add_parser("finetune", help="fine-tune as CONFIG.yaml says",
                         description="Fine-tune as CONFIG.yaml says. Config format: the docstring of fastft/cli.py "
                                     "(python -c 'import fastft.cli; help(fastft.cli)').")
