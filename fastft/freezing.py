@@ -5,6 +5,8 @@
   and without an autograd graph, so it saves no activations and backward stops at the boundary.
 * :class:`GradualUnfreezing` moves the boundary down one block every epoch or every N steps
   (ULMFiT), by hand or as a trainer callback.
+* :meth:`FreezePlan.enable_cache` keeps the frozen prefix's output per example and replays it (the
+  trainers' ``cache_frozen=True``); the cache itself lives in :mod:`fastft.prefix_cache`.
 
 Where the blocks are comes from :mod:`fastft.layers` (:func:`~fastft.layers.find_layers`);
 layer-wise LR decay from :mod:`fastft.param_groups`. Both names are re-exported here.
