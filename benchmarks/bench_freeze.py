@@ -339,7 +339,10 @@ def e2e_main(args) -> int:
             rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
             r = rows[-1]
             print(f"{arm} seed {seed}: {r['total_s']:.1f} s, test acc {r['test_accuracy']:.4f} "
-                  f"({time.time() - t_start:.0f} s)", file=sys.stderr, flush=True)
+                  f"({time.time() - t_start:.0f} s, load average {os.getloadavg()[0]:.1f})", file=sys.stderr, flush=True)
+            r["load_average_1min_after"] = os.getloadavg()[0]
+            with open(Path(args.out) / "bench_freeze_e2e_cpu.partial.jsonl", "a") as f:
+                f.write(json.dumps(r) + "\n")
     info = fastft.build_info()
     machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads"
     meta = dict(machine=machine, device="cpu", torch=torch.__version__, fastft=info["version"],
