@@ -14,6 +14,8 @@ Variants:
               nothing below it), the same optimizer over all parameters
   naive_n     (a strawman, not in the default set) everything trainable, the gradients of the
               embeddings + lowest n blocks zeroed by tensor hooks before the step
+  cache_n     (not in the default set) freeze_n with the frozen-prefix cache, a step of a cached
+              epoch: the warm-up round keeps the batch's prefix output, timed rounds replay it
 
 Time: the variants run round-robin in one process (one step each per round), so load drift from
 other processes hits all of them alike; the median over the timed rounds after warm-up is reported
@@ -80,7 +82,7 @@ from _common import git_commit, reset_peak_rss, status_kb, write_results  # noqa
 
 BATCH, SEQ, LR, DECAY, WD, L2 = 32, 128, 2e-5, 0.9, 0.01, 0.01
 VARIANTS = ["full", "freeze_2", "freeze_4", "freeze_6", "rgfalse_2", "rgfalse_4", "rgfalse_6"]
-ALL_VARIANTS = VARIANTS + ["freeze_0", "naive_2", "naive_4", "naive_6"]
+ALL_VARIANTS = VARIANTS + ["freeze_0", "naive_2", "naive_4", "naive_6", "cache_2", "cache_4", "cache_6"]
 TARGETS = {"freeze_6": 0.40, "freeze_4": 0.60}
 
 
@@ -118,8 +120,11 @@ def build(variant: str):
     model = load_model()
     model.train()
     blocks = find_layers(model)
-    if variant.startswith("freeze_"):
-        freeze_layers(model, int(variant.split("_")[1]), embeddings=True)
+    cache = None
+    if variant.startswith(("freeze_", "cache_")):
+        plan = freeze_layers(model, int(variant.split("_")[1]), embeddings=True)
+        if variant.startswith("cache_"):
+            cache = plan.enable_cache()
     elif variant.startswith("rgfalse_"):
         n = int(variant.split("_")[1])
         model.encoder.embeddings.requires_grad_(False)
@@ -136,8 +141,13 @@ def build(variant: str):
     mask = torch.ones_like(ids)
     labels = torch.randint(0, 2, (BATCH,), generator=g)
 
+    def forward():
+        if cache is None:
+            return model(ids, mask)
+        return cache.run({"input_ids": ids, "attention_mask": mask}, lambda: model(ids, mask))
+
     def step():
-        loss = nn.functional.cross_entropy(model(ids, mask), labels)
+        loss = nn.functional.cross_entropy(forward(), labels)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -418,6 +428,7 @@ def main(argv=None) -> int:
     ap.add_argument("--e2e-worker", help=argparse.SUPPRESS)
     ap.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
     ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    ap.add_argument("--name", default="bench_freeze_cpu", help="the result files' stem in --out")
     args = ap.parse_args(argv)
 
     if args.memory_worker:
@@ -463,8 +474,9 @@ def main(argv=None) -> int:
     rows = []
     for v in variants:
         ms = statistics.median(times[v])
-        baseline = v.replace("freeze_", "rgfalse_")
-        vs_rg = ms / statistics.median(times[baseline]) if v.startswith("freeze_") and baseline in times else None
+        baseline = "rgfalse_" + v.split("_")[-1]
+        vs_rg = (ms / statistics.median(times[baseline]) if v.startswith(("freeze_", "cache_")) and baseline in times
+                 else None)
         row = dict(variant=v, ms=ms, ms_min=min(times[v]), ms_max=max(times[v]), ratio_vs_full=ms / full_ms,
                    ratio_vs_requires_grad_false=vs_rg, target=TARGETS.get(v))
         row["meets_target"] = None if row["target"] is None else row["ratio_vs_full"] <= row["target"]
@@ -486,12 +498,12 @@ def main(argv=None) -> int:
         rg = f"{r['ratio_vs_requires_grad_false']:7.0%}" if r["ratio_vs_requires_grad_false"] else f"{'':>7}"
         print(f"{r['variant']:<9} {r['ms']:8.0f} {r['ms_min']:6.0f}..{r['ms_max']:<6.0f} {r['ratio_vs_full']:8.0%} "
               f"{rg} {tgt:>7} {mem}")
-    print("vs rgF = freeze_n against rgfalse_n, requires_grad_(False) on the same embeddings + blocks (same run)")
+    print("vs rgF = freeze_n / cache_n against rgfalse_n, requires_grad_(False) on the same embeddings + blocks (same run)")
     print("memory: saved = tensors saved for backward in one step (saved_tensors_hooks, unique storages); "
           "grads/state after it; RSS = peak RSS (VmHWM) of a fresh subprocess per variant during that step, "
           "rise = over its RSS after loading + building the optimizer")
 
-    write_results(Path(args.out) / "bench_freeze_cpu", rows, meta, times_ms=times)
+    write_results(Path(args.out) / args.name, rows, meta, times_ms=times)
     print(f"({time.time() - t_start:.0f} s)")
     return 0
 
