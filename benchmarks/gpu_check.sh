@@ -70,6 +70,7 @@ for dtype in (torch.float32, torch.bfloat16):
     for p in ps:
         p.grad = torch.randn_like(p)
     opt = fastft.AdamW(ps, lr=1e-3, l2_init=0.1, amsgrad=True, max_grad_norm=1.0, anchor_dtype=torch.bfloat16)
+    opt.set_importance({p: torch.rand_like(p) for p in ps[:3]})  # EWC on some, plain L2-to-init on the rest
     opt.step(); opt.step(grad_scale=torch.tensor(2.0, device="cuda"), found_inf=torch.tensor(0.0, device="cuda"))
     print(float(ops.sum_of_squares([p.grad for p in ps])))
 for dtype in (torch.float32, torch.bfloat16):

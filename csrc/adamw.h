@@ -21,7 +21,8 @@ inline bool anchor_dtype_ok(ScalarType param, ScalarType anchor) {
 inline void check_adamw_args(const std::vector<Tensor>& params, const std::vector<Tensor>& grads,
                              const std::vector<Tensor>& exp_avgs, const std::vector<Tensor>& exp_avg_sqs,
                              const std::vector<Tensor>& max_exp_avg_sqs, const std::vector<Tensor>& state_steps,
-                             const std::vector<Tensor>& anchors, bool amsgrad, double l2_init) {
+                             const std::vector<Tensor>& anchors, const std::vector<Tensor>& importances, bool amsgrad,
+                             double l2_init) {
   const size_t n = params.size();
   STD_TORCH_CHECK(grads.size() == n && exp_avgs.size() == n && exp_avg_sqs.size() == n && state_steps.size() == n,
                   "fastft.adamw_l2init_: params, grads, exp_avgs, exp_avg_sqs and state_steps must have the same length, got ",
@@ -33,6 +34,9 @@ inline void check_adamw_args(const std::vector<Tensor>& params, const std::vecto
                   "fastft.adamw_l2init_: anchors must be empty (no L2-to-init) or one per param, got ", anchors.size(),
                   " for ", n);
   STD_TORCH_CHECK(l2_init == 0.0 || !anchors.empty(), "fastft.adamw_l2init_: l2_init=", l2_init, " needs anchors");
+  STD_TORCH_CHECK(importances.empty() || (importances.size() == n && anchors.size() == n),
+                  "fastft.adamw_l2init_: importances must be empty (F = 1) or one per param, each with its anchor, got ",
+                  importances.size(), " importances and ", anchors.size(), " anchors for ", n, " params");
   if (n == 0) return;
   const ScalarType dtype = params[0].scalar_type();
   const Device device = params[0].device();
@@ -66,6 +70,12 @@ inline void check_adamw_args(const std::vector<Tensor>& params, const std::vecto
       STD_TORCH_CHECK(anchor_dtype_ok(dtype, anchors[i].scalar_type()), "fastft.adamw_l2init_: anchors[", i,
                       "] has dtype ", dtype_str(anchors[i].scalar_type()),
                       "; an anchor must be float32, bfloat16, float16 or its param's dtype (", dtype_str(dtype), ")");
+    }
+    if (!importances.empty()) {
+      same(importances[i], p, "importances", i, false);
+      STD_TORCH_CHECK(importances[i].scalar_type() == anchors[i].scalar_type(), "fastft.adamw_l2init_: importances[",
+                      i, "] has dtype ", dtype_str(importances[i].scalar_type()), " but its anchor has dtype ",
+                      dtype_str(anchors[i].scalar_type()), "; an importance is stored in its anchor's dtype");
     }
     const Tensor& s = state_steps[i];
     STD_TORCH_CHECK(s.numel() == 1 && s.scalar_type() == ScalarType::Float && s.device() == device,

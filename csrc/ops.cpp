@@ -5,14 +5,15 @@
 
 STABLE_TORCH_LIBRARY(fastft, m) {
   // One fused AdamW step with L2-to-init over a list of tensors of one (device, dtype) group.
-  // Modelled on aten::_fused_adamw_, plus: anchors (p0, empty when l2_init == 0), l2_init and its mode,
+  // Modelled on aten::_fused_adamw_, plus: anchors (p0, empty when l2_init == 0), importances (EWC's
+  // F, in the anchors' dtype; empty: F = 1) weighting the pull F * (p - p0), l2_init and its mode,
   // state_steps incremented by the op itself (not when found_inf is set), and an optional clip
   // coefficient multiplied into the gradient. grads are written only when grad_scale is given
   // (they are unscaled in place, as torch's fused AdamW does).
   m.def(
       "adamw_l2init_(Tensor(a!)[] params, Tensor(b!)[] grads, Tensor(c!)[] exp_avgs, Tensor(d!)[] exp_avg_sqs, "
-      "Tensor(e!)[] max_exp_avg_sqs, Tensor(f!)[] state_steps, Tensor[] anchors, *, float lr, float beta1, "
-      "float beta2, float weight_decay, float eps, float l2_init, bool coupled, bool amsgrad, bool maximize, "
+      "Tensor(e!)[] max_exp_avg_sqs, Tensor(f!)[] state_steps, Tensor[] anchors, Tensor[] importances, *, float lr, "
+      "float beta1, float beta2, float weight_decay, float eps, float l2_init, bool coupled, bool amsgrad, bool maximize, "
       "Tensor? grad_scale=None, Tensor? found_inf=None, Tensor? clip_coef=None) -> ()");
   // Sum of squares of all elements of all tensors, accumulated in float32 (float64 for float64): a 0-dim tensor.
   m.def("sum_of_squares(Tensor[] tensors) -> Tensor");

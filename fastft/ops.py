@@ -48,6 +48,7 @@ def adamw_l2init_(
     max_exp_avg_sqs: Sequence[Tensor],
     state_steps: Sequence[Tensor],
     anchors: Sequence[Tensor],
+    importances: Sequence[Tensor] = (),
     *,
     lr: float,
     beta1: float,
@@ -62,12 +63,14 @@ def adamw_l2init_(
     found_inf: Optional[Tensor] = None,
     clip_coef: Optional[Tensor] = None,
 ) -> None:
-    """One fused AdamW step with L2-to-init, in place, over tensors of one (device, dtype) group.
+    """One fused AdamW step with L2-to-init (EWC with ``importances``), in place, over tensors of one
+    (device, dtype) group.
 
     The math and every argument are those of :func:`fastft._reference.adamw_l2init_`. Lists are
     parallel (tensor ``i`` of each belongs to ``params[i]``); ``max_exp_avg_sqs`` is empty without
-    amsgrad and ``anchors`` is empty without L2-to-init; ``state_steps`` are one-element float32
-    tensors, incremented here. ``grad_scale`` / ``found_inf`` / ``clip_coef`` are one-element float32
+    amsgrad, ``anchors`` is empty without L2-to-init and ``importances`` is empty (F = 1) or holds
+    one F per param in its anchor's dtype; ``state_steps`` are one-element float32 tensors,
+    incremented here. ``grad_scale`` / ``found_inf`` / ``clip_coef`` are one-element float32
     tensors on the params' device or None.
 
     The kernel takes the tensors whose parameter is dense and whose gradient, moments and anchor
@@ -75,14 +78,14 @@ def adamw_l2init_(
     is stepped by the reference. Raises RuntimeError from the kernel's argument checks (lists of
     different lengths, mismatched shapes, devices or dtypes).
     """
-    lists = [params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, anchors]
+    lists = [params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, anchors, list(importances)]
     hyper = dict(lr=lr, beta1=beta1, beta2=beta2, weight_decay=weight_decay, eps=eps, l2_init=l2_init,
                  coupled=coupled, amsgrad=amsgrad, maximize=maximize, grad_scale=grad_scale, found_inf=found_inf,
                  clip_coef=clip_coef)
     if not params or not use_kernel(params[0].device):
         _reference.adamw_l2init_(*lists, **hyper)
         return
-    strided_like_param = [lst for lst in (grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, anchors) if lst]
+    strided_like_param = [lst for lst in (grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, anchors, importances) if lst]
     odd = []
     if all(len(lst) == len(params) for lst in strided_like_param):  # else the kernel names the mismatch
         odd = [i for i, p in enumerate(params)
@@ -100,7 +103,7 @@ def adamw_l2init_(
 if _ext._C is not None:
 
     @torch.library.register_fake("fastft::adamw_l2init_")
-    def _adamw_l2init_fake(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, anchors, *,
+    def _adamw_l2init_fake(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, anchors, importances, *,
                            lr, beta1, beta2, weight_decay, eps, l2_init, coupled, amsgrad, maximize,
                            grad_scale=None, found_inf=None, clip_coef=None):
         return None

@@ -11,7 +11,7 @@ from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Tuple
 import torch
 from torch import Tensor
 
-from . import _reference, ops
+from . import ops
 from .distributed import is_dtensor
 
 __all__ = ["AdamW"]
@@ -449,10 +449,8 @@ class AdamW(torch.optim.Optimizer):
             hyper = dict(lr=_scalar(group["lr"]), beta1=_scalar(beta1), beta2=_scalar(beta2),
                          weight_decay=_scalar(group["weight_decay"]), eps=_scalar(group["eps"]), l2_init=l2,
                          coupled=group["l2_init_mode"] == "coupled", amsgrad=amsgrad, maximize=group["maximize"])
-            for (device, _, _, weighted), lists in buckets.items():
-                # Until the compiled kernels take importances, EWC buckets step with the reference.
-                step_fn = _reference.adamw_l2init_ if weighted else ops.adamw_l2init_
-                step_fn(*(lists if weighted else lists[:7]), **hyper, grad_scale=on(grad_scale, "scale", device),
-                        found_inf=on(found_inf, "inf", device), clip_coef=clip.get(device))
+            for (device, _, _, _), lists in buckets.items():
+                ops.adamw_l2init_(*lists, **hyper, grad_scale=on(grad_scale, "scale", device),
+                                  found_inf=on(found_inf, "inf", device), clip_coef=clip.get(device))
         return loss
 

@@ -762,7 +762,7 @@ def test_bad_state_dict_changes_nothing(device):
 # --- the ops themselves ---------------------------------------------------------------------------
 
 
-def _op_lists(dtype, device, anchor_dtype, amsgrad, seed=0):
+def _op_lists(dtype, device, anchor_dtype, amsgrad, seed=0, importance=False):
     g = torch.Generator().manual_seed(seed)
     shapes = [(3, 5), (16387,), (0,), (33,)]
     mk = lambda s: torch.randn(s, generator=g).to(device=device, dtype=dtype)  # noqa: E731
@@ -773,17 +773,19 @@ def _op_lists(dtype, device, anchor_dtype, amsgrad, seed=0):
     vmax = [t.clone() * 1.5 for t in v] if amsgrad else []
     steps = [torch.tensor(float(i), device=device) for i in range(len(shapes))]
     anchors = [(p + 0.3).to(anchor_dtype or dtype) for p in params]
-    return [params, grads, m, v, vmax, steps, anchors]
+    importances = [(mk(s).abs() * 2).to(anchor_dtype or dtype) for s in shapes] if importance else []
+    return [params, grads, m, v, vmax, steps, anchors, importances]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
 @pytest.mark.parametrize("anchor_dtype", [None, torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("amsgrad", [False, True])
 @pytest.mark.parametrize("coupled", [False, True])
-def test_kernel_matches_reference(device, dtype, anchor_dtype, amsgrad, coupled):
+@pytest.mark.parametrize("importance", [False, True])
+def test_kernel_matches_reference(device, dtype, anchor_dtype, amsgrad, coupled, importance):
     if not ops.use_kernel(device):
         pytest.skip("compiled kernels not loaded for this device")
-    a = _op_lists(dtype, device, anchor_dtype, amsgrad)
+    a = _op_lists(dtype, device, anchor_dtype, amsgrad, importance=importance)
     b = [[t.clone() for t in lst] for lst in a]
     kw = dict(lr=1e-2, beta1=0.9, beta2=0.99, weight_decay=0.1, eps=1e-8, l2_init=0.4, coupled=coupled,
               amsgrad=amsgrad, maximize=True, grad_scale=torch.tensor(8.0, device=device),
@@ -799,9 +801,10 @@ def test_kernel_matches_reference(device, dtype, anchor_dtype, amsgrad, coupled)
 def test_op_wrapper_steps_odd_layouts_with_the_reference(device):
     """fastft.ops.adamw_l2init_ gives the kernel the tensors it takes and the reference the others
     (a non-dense param, a moment strided unlike its param), in one call, with the same result."""
-    a = _op_lists(torch.float32, device, None, True)
+    a = _op_lists(torch.float32, device, None, True, importance=True)
     a[0][0] = torch.randn(3, 10, device=device)[:, ::2]
     a[2][3] = torch.randn(66, device=device)[::2].mul_(0.1)
+    a[7][1] = torch.rand(2 * 16387, device=device)[::2]  # an importance strided unlike its param
     b = [[t.clone() for t in lst] for lst in a]
     kw = dict(lr=1e-2, beta1=0.9, beta2=0.99, weight_decay=0.1, eps=1e-8, l2_init=0.4, coupled=False,
               amsgrad=True, maximize=False, clip_coef=torch.tensor(0.7, device=device))
@@ -859,6 +862,15 @@ def test_op_argument_errors():
     bad[6] = []
     with pytest.raises(RuntimeError, match="anchors"):
         torch.ops.fastft.adamw_l2init_(*bad, **kw)
+    with_importance = _op_lists(torch.float32, "cpu", torch.bfloat16, False, importance=True)
+    bad = [lst[:] for lst in with_importance]
+    bad[7] = bad[7][:-1]
+    with pytest.raises(RuntimeError, match="importances"):
+        torch.ops.fastft.adamw_l2init_(*bad, **kw)
+    bad = [lst[:] for lst in with_importance]
+    bad[7][0] = bad[7][0].float()
+    with pytest.raises(RuntimeError, match="importances.*anchor"):
+        torch.ops.fastft.adamw_l2init_(*bad, **kw)
     with pytest.raises(RuntimeError, match="empty list"):
         torch.ops.fastft.sum_of_squares([])
     with pytest.raises(ValueError, match="at least one"):
@@ -868,9 +880,10 @@ def test_op_argument_errors():
 def test_opcheck():
     if not ops.use_kernel(torch.device("cpu")):
         pytest.skip("compiled kernels not loaded")
-    lists = _op_lists(torch.float32, "cpu", torch.bfloat16, True)
     kw = dict(lr=1e-2, beta1=0.9, beta2=0.99, weight_decay=0.1, eps=1e-8, l2_init=0.4, coupled=False,
               amsgrad=True, maximize=False, grad_scale=torch.tensor(2.0), found_inf=torch.tensor(0.0),
               clip_coef=torch.tensor(0.5))
-    torch.library.opcheck(torch.ops.fastft.adamw_l2init_.default, tuple(lists), kw)
+    for importance in (False, True):
+        lists = _op_lists(torch.float32, "cpu", torch.bfloat16, True, importance=importance)
+        torch.library.opcheck(torch.ops.fastft.adamw_l2init_.default, tuple(lists), kw)
     torch.library.opcheck(torch.ops.fastft.sum_of_squares.default, ([torch.randn(5), torch.randn(3, 3)],))

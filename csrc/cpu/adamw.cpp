@@ -1,7 +1,7 @@
 // CPU kernels of the AdamW family: the fused AdamW + L2-to-init step and the sum of squares used by
 // fused gradient clipping. One call covers all tensors of a (device, dtype) group: the tensors are cut
 // into chunks, torch::stable::parallel_for spreads the chunks (not the tensors) over the threads, and each chunk
-// is one vectorised pass over memory (reads p, g, m, v [, vmax] [, p0]; writes p, m, v [, vmax] [, g]).
+// is one vectorised pass over memory (reads p, g, m, v [, vmax] [, p0 [, F]]; writes p, m, v [, vmax] [, g]).
 #include <algorithm>
 #include <cmath>
 
@@ -44,12 +44,14 @@ struct StepConsts {
 };
 
 // The one loop every variant runs. Without an anchor (l2_init == 0) the drift is 0 and the anchor is
-// never read; `a` must not alias the other arrays (they are restrict, which lets the loop vectorise).
-template <typename scalar_t, typename anchor_t, typename opmath_t, bool AMSGRAD, bool STORE_GRAD, bool ANCHOR>
+// never read; with IMPORTANCE the drift is weighted by F (EWC), else F = 1 and `f` is never read. `a`
+// and `f` must not alias the other arrays (they are restrict, which lets the loop vectorise).
+template <typename scalar_t, typename anchor_t, typename opmath_t, bool AMSGRAD, bool STORE_GRAD, bool ANCHOR, bool IMPORTANCE>
 __attribute__((always_inline)) inline void adamw_loop(scalar_t* __restrict__ p, scalar_t* __restrict__ g,
                                                       scalar_t* __restrict__ m, scalar_t* __restrict__ v,
                                                       scalar_t* __restrict__ vmax, const anchor_t* __restrict__ a,
-                                                      int64_t n, const StepConsts<opmath_t>& c) {
+                                                      const anchor_t* __restrict__ f, int64_t n,
+                                                      const StepConsts<opmath_t>& c) {
   for (int64_t i = 0; i < n; ++i) {
     opmath_t grad = static_cast<opmath_t>(g[i]);
     if constexpr (STORE_GRAD) {
@@ -61,6 +63,7 @@ __attribute__((always_inline)) inline void adamw_loop(scalar_t* __restrict__ p, 
     opmath_t drift = 0;
     if constexpr (ANCHOR) {
       drift = param - static_cast<opmath_t>(a[i]);
+      if constexpr (IMPORTANCE) drift *= static_cast<opmath_t>(f[i]);
       grad += c.coupled_l2 * drift;
     }
     opmath_t exp_avg = static_cast<opmath_t>(m[i]);
@@ -79,24 +82,26 @@ __attribute__((always_inline)) inline void adamw_loop(scalar_t* __restrict__ p, 
   }
 }
 
-template <typename scalar_t, typename anchor_t, typename opmath_t, bool AMSGRAD, bool STORE_GRAD, bool ANCHOR>
+template <typename scalar_t, typename anchor_t, typename opmath_t, bool AMSGRAD, bool STORE_GRAD, bool ANCHOR, bool IMPORTANCE>
 void adamw_chunk_generic(scalar_t* p, scalar_t* g, scalar_t* m, scalar_t* v, scalar_t* vmax, const anchor_t* a,
-                         int64_t n, const StepConsts<opmath_t>& c) {
-  adamw_loop<scalar_t, anchor_t, opmath_t, AMSGRAD, STORE_GRAD, ANCHOR>(p, g, m, v, vmax, a, n, c);
+                         const anchor_t* f, int64_t n, const StepConsts<opmath_t>& c) {
+  adamw_loop<scalar_t, anchor_t, opmath_t, AMSGRAD, STORE_GRAD, ANCHOR, IMPORTANCE>(p, g, m, v, vmax, a, f, n, c);
 }
 
 #ifdef FASTFT_CPU_DISPATCH
 // The same loop compiled for AVX2 + FMA and for AVX-512 (see isa.h).
-template <typename scalar_t, typename anchor_t, typename opmath_t, bool AMSGRAD, bool STORE_GRAD, bool ANCHOR>
+template <typename scalar_t, typename anchor_t, typename opmath_t, bool AMSGRAD, bool STORE_GRAD, bool ANCHOR, bool IMPORTANCE>
 FASTFT_TARGET_AVX2 void adamw_chunk_avx2(scalar_t* p, scalar_t* g, scalar_t* m, scalar_t* v, scalar_t* vmax,
-                                         const anchor_t* a, int64_t n, const StepConsts<opmath_t>& c) {
-  adamw_loop<scalar_t, anchor_t, opmath_t, AMSGRAD, STORE_GRAD, ANCHOR>(p, g, m, v, vmax, a, n, c);
+                                         const anchor_t* a, const anchor_t* f, int64_t n,
+                                         const StepConsts<opmath_t>& c) {
+  adamw_loop<scalar_t, anchor_t, opmath_t, AMSGRAD, STORE_GRAD, ANCHOR, IMPORTANCE>(p, g, m, v, vmax, a, f, n, c);
 }
 
-template <typename scalar_t, typename anchor_t, typename opmath_t, bool AMSGRAD, bool STORE_GRAD, bool ANCHOR>
+template <typename scalar_t, typename anchor_t, typename opmath_t, bool AMSGRAD, bool STORE_GRAD, bool ANCHOR, bool IMPORTANCE>
 FASTFT_TARGET_AVX512 void adamw_chunk_avx512(scalar_t* p, scalar_t* g, scalar_t* m, scalar_t* v, scalar_t* vmax,
-                                             const anchor_t* a, int64_t n, const StepConsts<opmath_t>& c) {
-  adamw_loop<scalar_t, anchor_t, opmath_t, AMSGRAD, STORE_GRAD, ANCHOR>(p, g, m, v, vmax, a, n, c);
+                                             const anchor_t* a, const anchor_t* f, int64_t n,
+                                             const StepConsts<opmath_t>& c) {
+  adamw_loop<scalar_t, anchor_t, opmath_t, AMSGRAD, STORE_GRAD, ANCHOR, IMPORTANCE>(p, g, m, v, vmax, a, f, n, c);
 }
 #endif
 
@@ -108,11 +113,11 @@ std::vector<T*> data_ptrs(const std::vector<Tensor>& tensors) {
   return ptrs;
 }
 
-template <typename scalar_t, typename anchor_t, bool AMSGRAD, bool STORE_GRAD, bool ANCHOR>
+template <typename scalar_t, typename anchor_t, bool AMSGRAD, bool STORE_GRAD, bool ANCHOR, bool IMPORTANCE>
 void adamw_group(const std::vector<Tensor>& params, const std::vector<Tensor>& grads,
                  const std::vector<Tensor>& exp_avgs, const std::vector<Tensor>& exp_avg_sqs,
                  const std::vector<Tensor>& max_exp_avg_sqs, const std::vector<Tensor>& anchors,
-                 const std::vector<opmath_type<scalar_t>>& steps, double lr, double beta1, double beta2,
+                 const std::vector<Tensor>& importances, const std::vector<opmath_type<scalar_t>>& steps, double lr, double beta1, double beta2,
                  double weight_decay, double eps, double l2_init, bool coupled, bool maximize,
                  double inv_grad_scale, double clip_coef) {
   using opmath_t = opmath_type<scalar_t>;
@@ -138,10 +143,11 @@ void adamw_group(const std::vector<Tensor>& params, const std::vector<Tensor>& g
              v = data_ptrs<scalar_t>(exp_avg_sqs);
   const auto vmax = AMSGRAD ? data_ptrs<scalar_t>(max_exp_avg_sqs) : std::vector<scalar_t*>{};
   const auto a = ANCHOR ? data_ptrs<anchor_t>(anchors) : std::vector<anchor_t*>{};
-  auto chunk_fn = &adamw_chunk_generic<scalar_t, anchor_t, opmath_t, AMSGRAD, STORE_GRAD, ANCHOR>;
+  const auto f = IMPORTANCE ? data_ptrs<anchor_t>(importances) : std::vector<anchor_t*>{};
+  auto chunk_fn = &adamw_chunk_generic<scalar_t, anchor_t, opmath_t, AMSGRAD, STORE_GRAD, ANCHOR, IMPORTANCE>;
 #ifdef FASTFT_CPU_DISPATCH
-  if (cpu_has_avx512()) chunk_fn = &adamw_chunk_avx512<scalar_t, anchor_t, opmath_t, AMSGRAD, STORE_GRAD, ANCHOR>;
-  else if (cpu_has_avx2()) chunk_fn = &adamw_chunk_avx2<scalar_t, anchor_t, opmath_t, AMSGRAD, STORE_GRAD, ANCHOR>;
+  if (cpu_has_avx512()) chunk_fn = &adamw_chunk_avx512<scalar_t, anchor_t, opmath_t, AMSGRAD, STORE_GRAD, ANCHOR, IMPORTANCE>;
+  else if (cpu_has_avx2()) chunk_fn = &adamw_chunk_avx2<scalar_t, anchor_t, opmath_t, AMSGRAD, STORE_GRAD, ANCHOR, IMPORTANCE>;
 #endif
   torch::stable::parallel_for(0, static_cast<int64_t>(work.size()), 1, [&](int64_t begin, int64_t end) {
     for (int64_t w = begin; w < end; ++w) {
@@ -149,15 +155,15 @@ void adamw_group(const std::vector<Tensor>& params, const std::vector<Tensor>& g
       const auto t = item.tensor;
       const auto off = item.begin;
       chunk_fn(p[t] + off, g[t] + off, m[t] + off, v[t] + off, AMSGRAD ? vmax[t] + off : nullptr,
-               ANCHOR ? a[t] + off : nullptr, item.end - item.begin, consts[t]);
+               ANCHOR ? a[t] + off : nullptr, IMPORTANCE ? f[t] + off : nullptr, item.end - item.begin, consts[t]);
     }
   });
 }
 
-// Turns the three runtime flags into template arguments, so each loop is branch-free.
+// Turns the four runtime flags into template arguments, so each loop is branch-free.
 template <typename scalar_t, typename anchor_t, bool... Flags>
 void adamw_dispatch_flags(std::initializer_list<bool> flags, auto&&... args) {
-  if constexpr (sizeof...(Flags) == 3) {
+  if constexpr (sizeof...(Flags) == 4) {
     adamw_group<scalar_t, anchor_t, Flags...>(args...);
   } else {
     if (flags.begin()[sizeof...(Flags)]) adamw_dispatch_flags<scalar_t, anchor_t, Flags..., true>(flags, args...);
@@ -170,14 +176,16 @@ float read_scalar(const Tensor& t) { return *static_cast<const float*>(t.const_d
 void adamw_l2init_cpu(const std::vector<Tensor>& params, const std::vector<Tensor>& grads,
                       const std::vector<Tensor>& exp_avgs, const std::vector<Tensor>& exp_avg_sqs,
                       const std::vector<Tensor>& max_exp_avg_sqs, const std::vector<Tensor>& state_steps,
-                      const std::vector<Tensor>& anchors_, double lr, double beta1, double beta2, double weight_decay,
+                      const std::vector<Tensor>& anchors_, const std::vector<Tensor>& importances_, double lr, double beta1, double beta2, double weight_decay,
                       double eps, double l2_init, bool coupled, bool amsgrad, bool maximize,
                       const std::optional<Tensor>& grad_scale, const std::optional<Tensor>& found_inf,
                       const std::optional<Tensor>& clip_coef) {
-  check_adamw_args(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, anchors_, amsgrad, l2_init);
+  check_adamw_args(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, anchors_, importances_, amsgrad,
+                   l2_init);
   if (params.empty()) return;
-  // With l2_init == 0 the anchors are never read: drop them so the loop aliases p instead.
+  // With l2_init == 0 the anchors and importances are never read: drop them.
   const std::vector<Tensor> anchors = l2_init == 0.0 ? std::vector<Tensor>{} : anchors_;
+  const std::vector<Tensor> importances = l2_init == 0.0 ? std::vector<Tensor>{} : importances_;
   const Device device = params[0].device();
   check_scalar_arg(grad_scale, device, "grad_scale");
   check_scalar_arg(found_inf, device, "found_inf");
@@ -204,8 +212,8 @@ void adamw_l2init_cpu(const std::vector<Tensor>& params, const std::vector<Tenso
     const bool store_grad = grad_scale.has_value();
     auto run = [&](auto anchor_tag) {
       using anchor_t = decltype(anchor_tag);
-      adamw_dispatch_flags<scalar_t, anchor_t>({amsgrad, store_grad, !anchors.empty()}, params, grads, exp_avgs,
-                                               exp_avg_sqs, max_exp_avg_sqs, anchors, steps, lr, beta1, beta2,
+      adamw_dispatch_flags<scalar_t, anchor_t>({amsgrad, store_grad, !anchors.empty(), !importances.empty()}, params,
+                                               grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, anchors, importances, steps, lr, beta1, beta2,
                                                weight_decay, eps, l2_init, coupled, maximize, inv_grad_scale, clip);
     };
     if (anchors.empty() || anchor_dtype == dtype) run(scalar_t{});

@@ -27,9 +27,11 @@ struct Consts {
 __device__ __forceinline__ float mul_rn(float a, float b) { return __fmul_rn(a, b); }
 __device__ __forceinline__ double mul_rn(double a, double b) { return __dmul_rn(a, b); }
 
-template <typename scalar_t, typename anchor_t, typename opmath_t, bool AMSGRAD, bool STORE_GRAD, bool ANCHOR>
+// With IMPORTANCE the pull is weighted by EWC's F (stored in the anchor's dtype); else F = 1.
+template <typename scalar_t, typename anchor_t, typename opmath_t, bool AMSGRAD, bool STORE_GRAD, bool ANCHOR,
+          bool IMPORTANCE>
 __device__ __forceinline__ void adamw_element(scalar_t& p, scalar_t& g, scalar_t& m, scalar_t& v, scalar_t& vmax,
-                                              anchor_t a, const Consts<opmath_t>& c) {
+                                              anchor_t a, anchor_t f, const Consts<opmath_t>& c) {
   opmath_t grad = static_cast<opmath_t>(g);
   if constexpr (STORE_GRAD) {
     grad *= c.inv_grad_scale;
@@ -40,6 +42,7 @@ __device__ __forceinline__ void adamw_element(scalar_t& p, scalar_t& g, scalar_t
   opmath_t drift = 0;
   if constexpr (ANCHOR) {
     drift = param - static_cast<opmath_t>(a);
+    if constexpr (IMPORTANCE) drift *= static_cast<opmath_t>(f);
     grad += c.coupled_l2 * drift;
   }
   opmath_t exp_avg = static_cast<opmath_t>(m);
@@ -57,9 +60,10 @@ __device__ __forceinline__ void adamw_element(scalar_t& p, scalar_t& g, scalar_t
   p = static_cast<scalar_t>(updated - c.step_size * (exp_avg / denom));
 }
 
-// addresses: 0 params, 1 grads, 2 exp_avgs, 3 exp_avg_sqs, 4 max_exp_avg_sqs (AMSGRAD), 5 anchors (ANCHOR).
-template <typename scalar_t, typename anchor_t, bool AMSGRAD, bool STORE_GRAD, bool ANCHOR>
-__global__ void __launch_bounds__(kBlockSize) adamw_l2init_kernel(TensorListMeta<6> meta, AdamWHyper h,
+// addresses: 0 params, 1 grads, 2 exp_avgs, 3 exp_avg_sqs, 4 max_exp_avg_sqs (AMSGRAD), 5 anchors (ANCHOR),
+// 6 importances (IMPORTANCE).
+template <typename scalar_t, typename anchor_t, bool AMSGRAD, bool STORE_GRAD, bool ANCHOR, bool IMPORTANCE>
+__global__ void __launch_bounds__(kBlockSize) adamw_l2init_kernel(TensorListMeta<7> meta, AdamWHyper h,
                                                                     const float* grad_scale, const float* found_inf,
                                                                     const float* clip_coef) {
   using opmath_t = opmath_type<scalar_t>;
@@ -74,6 +78,7 @@ __global__ void __launch_bounds__(kBlockSize) adamw_l2init_kernel(TensorListMeta
   scalar_t* v = static_cast<scalar_t*>(meta.addresses[3][t]) + start;
   scalar_t* vmax = AMSGRAD ? static_cast<scalar_t*>(meta.addresses[4][t]) + start : nullptr;
   const anchor_t* a = ANCHOR ? static_cast<const anchor_t*>(meta.addresses[5][t]) + start : nullptr;
+  const anchor_t* f = IMPORTANCE ? static_cast<const anchor_t*>(meta.addresses[6][t]) + start : nullptr;
 
   const opmath_t step = static_cast<opmath_t>(*meta.steps[t]);
   Consts<opmath_t> c;
@@ -93,6 +98,7 @@ __global__ void __launch_bounds__(kBlockSize) adamw_l2init_kernel(TensorListMeta
   bool aligned = is_aligned<scalar_t, VEC>(p) && is_aligned<scalar_t, VEC>(g) && is_aligned<scalar_t, VEC>(m) &&
                  is_aligned<scalar_t, VEC>(v);
   if constexpr (ANCHOR) aligned = aligned && is_aligned<anchor_t, VEC>(a);
+  if constexpr (IMPORTANCE) aligned = aligned && is_aligned<anchor_t, VEC>(f);
   if constexpr (AMSGRAD) aligned = aligned && is_aligned<scalar_t, VEC>(vmax);
   int scalar_from = 0;
   if (aligned) {
@@ -104,12 +110,14 @@ __global__ void __launch_bounds__(kBlockSize) adamw_l2init_kernel(TensorListMeta
       auto rv = load_vec<scalar_t, VEC>(v, i);
       Vec<anchor_t, VEC> ra;
       if constexpr (ANCHOR) ra = load_vec<anchor_t, VEC>(a, i);
+      Vec<anchor_t, VEC> rf;
+      if constexpr (IMPORTANCE) rf = load_vec<anchor_t, VEC>(f, i);
       Vec<scalar_t, VEC> rvmax;
       if constexpr (AMSGRAD) rvmax = load_vec<scalar_t, VEC>(vmax, i);
 #pragma unroll
       for (int k = 0; k < VEC; ++k)
-        adamw_element<scalar_t, anchor_t, opmath_t, AMSGRAD, STORE_GRAD, ANCHOR>(rp.val[k], rg.val[k], rm.val[k],
-                                                                                 rv.val[k], rvmax.val[k], ra.val[k], c);
+        adamw_element<scalar_t, anchor_t, opmath_t, AMSGRAD, STORE_GRAD, ANCHOR, IMPORTANCE>(
+            rp.val[k], rg.val[k], rm.val[k], rv.val[k], rvmax.val[k], ra.val[k], rf.val[k], c);
       store_vec(p, rp, i);
       if constexpr (STORE_GRAD) store_vec(g, rg, i);
       store_vec(m, rm, i);
@@ -122,7 +130,9 @@ __global__ void __launch_bounds__(kBlockSize) adamw_l2init_kernel(TensorListMeta
     scalar_t dummy{};
     scalar_t& vm = AMSGRAD ? vmax[i] : dummy;
     const anchor_t ai = ANCHOR ? a[i] : anchor_t{};
-    adamw_element<scalar_t, anchor_t, opmath_t, AMSGRAD, STORE_GRAD, ANCHOR>(p[i], g[i], m[i], v[i], vm, ai, c);
+    const anchor_t fi = IMPORTANCE ? f[i] : anchor_t{};
+    adamw_element<scalar_t, anchor_t, opmath_t, AMSGRAD, STORE_GRAD, ANCHOR, IMPORTANCE>(p[i], g[i], m[i], v[i], vm, ai,
+                                                                                     fi, c);
   }
 }
 
@@ -201,11 +211,13 @@ __global__ void __launch_bounds__(kBlockSize) sum_of_squares_kernel(TensorListMe
 void adamw_l2init_cuda(const std::vector<Tensor>& params, const std::vector<Tensor>& grads,
                        const std::vector<Tensor>& exp_avgs, const std::vector<Tensor>& exp_avg_sqs,
                        const std::vector<Tensor>& max_exp_avg_sqs, const std::vector<Tensor>& state_steps,
-                       const std::vector<Tensor>& anchors_, double lr, double beta1, double beta2,
+                       const std::vector<Tensor>& anchors_, const std::vector<Tensor>& importances_, double lr,
+                       double beta1, double beta2,
                        double weight_decay, double eps, double l2_init, bool coupled, bool amsgrad, bool maximize,
                        const std::optional<Tensor>& grad_scale, const std::optional<Tensor>& found_inf,
                        const std::optional<Tensor>& clip_coef) {
-  check_adamw_args(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, anchors_, amsgrad, l2_init);
+  check_adamw_args(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, anchors_, importances_, amsgrad,
+                   l2_init);
   if (params.empty()) return;
   const Device device = params[0].device();
   check_scalar_arg(grad_scale, device, "grad_scale");
@@ -213,6 +225,8 @@ void adamw_l2init_cuda(const std::vector<Tensor>& params, const std::vector<Tens
   check_scalar_arg(clip_coef, device, "clip_coef");
   const bool use_anchor = l2_init != 0.0;
   const std::vector<Tensor> anchors = use_anchor ? anchors_ : std::vector<Tensor>{};
+  const std::vector<Tensor> importances = use_anchor ? importances_ : std::vector<Tensor>{};
+  const bool use_importance = !importances.empty();
   const ScalarType dtype = params[0].scalar_type();
   const ScalarType anchor_dtype = use_anchor ? anchors[0].scalar_type() : dtype;
   for (const auto& a : anchors)
@@ -229,29 +243,32 @@ void adamw_l2init_cuda(const std::vector<Tensor>& params, const std::vector<Tens
   const AdamWHyper h{lr, beta1, beta2, weight_decay, eps, l2_init, coupled, maximize};
   const std::vector<Tensor> no_list;
   const std::vector<std::vector<Tensor>> lists{
-      params, grads, exp_avgs, exp_avg_sqs, amsgrad ? max_exp_avg_sqs : no_list, anchors};
+      params, grads, exp_avgs, exp_avg_sqs, amsgrad ? max_exp_avg_sqs : no_list, anchors, importances};
   const bool store_grad = grad_scale.has_value();
 
   dispatch_floating(dtype, "fastft.adamw_l2init_", [&](auto scalar_tag) {
     using scalar_t = decltype(scalar_tag);
     // The runtime flags become template arguments, so each kernel is branch-free.
-    auto run = [&](auto anchor_tag, auto ams_tag, auto store_tag, auto anchor_on_tag) {
+    auto run = [&](auto anchor_tag, auto ams_tag, auto store_tag, auto anchor_on_tag, auto importance_tag) {
       using anchor_t = decltype(anchor_tag);
       constexpr bool AMS = decltype(ams_tag)::value, STORE = decltype(store_tag)::value,
-                     ANCHOR = decltype(anchor_on_tag)::value;
-      multi_tensor_apply<6>(lists, state_steps, [&](const TensorListMeta<6>& meta, int blocks) {
-        adamw_l2init_kernel<scalar_t, anchor_t, AMS, STORE, ANCHOR>
+                     ANCHOR = decltype(anchor_on_tag)::value, IMPORTANCE = decltype(importance_tag)::value;
+      multi_tensor_apply<7>(lists, state_steps, [&](const TensorListMeta<7>& meta, int blocks) {
+        adamw_l2init_kernel<scalar_t, anchor_t, AMS, STORE, ANCHOR, IMPORTANCE>
             <<<blocks, kBlockSize, 0, stream>>>(meta, h, gs, fi, cc);
         check_launch("adamw_l2init_kernel");
       });
     };
     using T = std::true_type;
     using F = std::false_type;
+    auto with_anchor = [&](auto anchor_tag, auto ams_tag, auto store_tag) {  // importances exist only with anchors
+      use_importance ? run(anchor_tag, ams_tag, store_tag, T{}, T{}) : run(anchor_tag, ams_tag, store_tag, T{}, F{});
+    };
     auto with_anchor_flag = [&](auto anchor_tag, auto ams_tag, auto store_tag) {
       if constexpr (std::is_same_v<decltype(anchor_tag), scalar_t>) {
-        use_anchor ? run(anchor_tag, ams_tag, store_tag, T{}) : run(anchor_tag, ams_tag, store_tag, F{});
+        use_anchor ? with_anchor(anchor_tag, ams_tag, store_tag) : run(anchor_tag, ams_tag, store_tag, F{}, F{});
       } else {
-        run(anchor_tag, ams_tag, store_tag, T{});  // a narrower anchor dtype only exists with anchors
+        with_anchor(anchor_tag, ams_tag, store_tag);  // a narrower anchor dtype only exists with anchors
       }
     };
     auto with_flags = [&](auto anchor_tag) {
