@@ -9,6 +9,7 @@ only then are the op schemas defined.
 
 from __future__ import annotations
 
+import functools
 from typing import Optional, Sequence, Tuple
 
 import torch
@@ -38,6 +39,13 @@ def _is_dense(t: Tensor) -> bool:
             return False
         expected *= size
     return True
+
+
+@functools.lru_cache(maxsize=None)
+def _kernel_takes_importances() -> bool:
+    """False for a ``fastft._C`` built before the op took ``importances`` (EWC): its importance-weighted
+    steps then run on the reference until the extension is rebuilt."""
+    return any(a.name == "importances" for a in torch.ops.fastft.adamw_l2init_.default._schema.arguments)
 
 
 def adamw_l2init_(
@@ -82,9 +90,11 @@ def adamw_l2init_(
     hyper = dict(lr=lr, beta1=beta1, beta2=beta2, weight_decay=weight_decay, eps=eps, l2_init=l2_init,
                  coupled=coupled, amsgrad=amsgrad, maximize=maximize, grad_scale=grad_scale, found_inf=found_inf,
                  clip_coef=clip_coef)
-    if not params or not use_kernel(params[0].device):
+    if not params or not use_kernel(params[0].device) or (importances and not _kernel_takes_importances()):
         _reference.adamw_l2init_(*lists, **hyper)
         return
+    if not _kernel_takes_importances():
+        lists = lists[:7]
     strided_like_param = [lst for lst in (grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, anchors, importances) if lst]
     odd = []
     if all(len(lst) == len(params) for lst in strided_like_param):  # else the kernel names the mismatch
@@ -103,9 +113,7 @@ def adamw_l2init_(
 if _ext._C is not None:
 
     @torch.library.register_fake("fastft::adamw_l2init_")
-    def _adamw_l2init_fake(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, anchors, importances, *,
-                           lr, beta1, beta2, weight_decay, eps, l2_init, coupled, amsgrad, maximize,
-                           grad_scale=None, found_inf=None, clip_coef=None):
+    def _adamw_l2init_fake(*lists_and_hyper, **hyper):  # an in-place op returns nothing (any schema version)
         return None
 
 
