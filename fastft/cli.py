@@ -55,7 +55,7 @@ string. Single-task form::
                                   # before the split); validation / test files are read whole
       text_column: text           # the columns of a file (default text, label)
       label_column: label
-      max_chars: 400              # bbc_news: keep the start of each article
+      max_chars: 400              # bbc_news: keep the start of each article (bbc_headlines: of each lead)
     trainer:                      # keyword arguments of fastft.Trainer, checked against its signature
       epochs: 3                   # and annotated types; all but tokenizer (from model.path), output_dir
       lr: 5e-5                    # (top level) and progress (--no-progress)
@@ -417,7 +417,7 @@ def _load_examples(source: str, cfg: Dict[str, Any], where: str, labels: bool = 
     corpora = {"pang_lee": datasets.pang_lee_sentences, "conll2010_uncertainty": datasets.conll2010_uncertainty,
                "pang_lee_reviews": datasets.pang_lee_reviews,
                "bbc_news": lambda: datasets.bbc_news(max_chars=cfg.get("max_chars")),
-               "bbc_headlines": datasets.bbc_headlines,
+               "bbc_headlines": lambda: datasets.bbc_headlines(max_chars=cfg.get("max_chars") or 600),
                "oanc": lambda: [(t, None) for t in dict.fromkeys(datasets.oanc_sentences())]}
     if source in corpora:
         examples = corpora[source]()
