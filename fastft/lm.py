@@ -10,15 +10,20 @@ import torch
 from torch import Tensor, nn
 
 __all__ = ["lm_kind", "mask_tokens", "pack_blocks", "lm_examples", "right_pad", "pad_lm_batch", "lm_loss",
-           "read_texts", "check_tokenizer", "pad_id_of",
+           "read_texts", "check_tokenizer", "pad_id_of", "is_peft_model",
            "fused_lm_parts", "fused_causal_lm_loss"]
+
+
+def is_peft_model(model: nn.Module) -> bool:
+    """Whether ``model`` is a ``peft`` model (a ``PeftModel``: LoRA and the other adapters)."""
+    return hasattr(model, "peft_config") and hasattr(model, "get_base_model")
 
 
 def lm_kind(model: nn.Module) -> Optional[str]:
     """``"causal"`` for a causal LM (``*ForCausalLM``, ``*LMHeadModel``), ``"masked"`` for a masked LM
     (``*ForMaskedLM``, ``*ForPreTraining``), None otherwise (judged by the class name, as the
     Hugging Face Auto classes name them); a ``peft`` model is judged by its base model."""
-    if hasattr(model, "peft_config") and hasattr(model, "get_base_model"):
+    if is_peft_model(model):
         model = model.get_base_model()
     name = type(model).__name__
     if name.endswith("ForCausalLM") or name.endswith("LMHeadModel"):
@@ -151,7 +156,7 @@ def fused_lm_parts(lm: nn.Module) -> Optional[Tuple[nn.Module, nn.Linear]]:
     ``base_model_prefix`` / ``get_output_embeddings``)."""
     if lm_kind(lm) != "causal":
         return None
-    if hasattr(lm, "peft_config") and hasattr(lm, "get_base_model"):
+    if is_peft_model(lm):
         lm = lm.get_base_model()  # peft injects its adapters into the base model's own modules
         if lm_kind(lm) != "causal":
             return None

@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from ..atomic import atomic_dir, atomic_write
+from ..lm import is_peft_model
 
 __all__ = ["RunDir", "CHECKPOINT", "SHARDED", "StopSignals", "extract_tensors", "insert_tensors", "tensor_refs"]
 
@@ -178,7 +179,7 @@ class RunDir:
         target = self.path / name
         with atomic_dir(target) as tmp:
             save = getattr(model, "save_pretrained", None)
-            if hasattr(model, "peft_config") and hasattr(model, "get_base_model"):
+            if is_peft_model(model):
                 model.save_pretrained(str(tmp))
                 save_tokenizer(tokenizer, tmp, where)
                 if merged:

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import distributed as D
-from ..lm import fused_causal_lm_loss, fused_lm_parts, lm_kind, pad_id_of
+from ..lm import fused_causal_lm_loss, fused_lm_parts, is_peft_model, lm_kind, pad_id_of
 from ..optim import AdamW
 from ..param_groups import param_groups
 from .callbacks import EarlyStopping
@@ -133,11 +133,6 @@ def _num_labels_of(model: nn.Module) -> Optional[int]:
     if n is None:
         n = getattr(getattr(model, "config", None), "num_labels", None)
     return n if isinstance(n, int) else None
-
-
-def _is_peft(model: nn.Module) -> bool:
-    """Whether ``model`` is a ``peft`` model (a ``PeftModel``: LoRA and the other adapters)."""
-    return hasattr(model, "peft_config") and hasattr(model, "get_base_model")
 
 
 def _peft_new_modules(model: nn.Module) -> List[nn.Module]:
@@ -421,7 +416,7 @@ class Trainer:
         self.generation_metrics = generation_metrics
         self.generation_kwargs = _check_generation_kwargs(generation_kwargs or {}, where)
         self.save_merged = bool(save_merged)
-        if save_merged and not _is_peft(model):
+        if save_merged and not is_peft_model(model):
             raise ValueError(f"{where}: save_merged=True merges a LoRA adapter into its base model, but the model "
                              f"is not a peft model ({type(model).__name__}); leave save_merged out")
 
@@ -500,7 +495,7 @@ class Trainer:
         if replay is not None:
             replay.bind(self.model, tokenizer)
             replay.lm.to(self.device)  # an LM sharing the encoder brings its own head
-        if _is_peft(self.model):  # LoRA's matrices are new parameters: nothing pretrained to anchor them to
+        if is_peft_model(self.model):  # LoRA's matrices are new parameters: nothing pretrained to anchor them to
             new_modules = list(new_modules) + _peft_new_modules(self.model)
         groups = param_groups(self.model, weight_decay, lr=lr, layerwise_lr_decay=layerwise_lr_decay,
                               new_modules=new_modules)
@@ -910,7 +905,6 @@ class Trainer:
                                      for r in range(self.world_size)], D.gather_objects(mine)):
             for i, text in zip(part_order, part):
                 predictions[i] = text
-        predictions = [p[0] if isinstance(p, list) else p for p in predictions]
         scores = generation_scores(self.generation_metrics, predictions, data.references)
         rows = [{"prompt": pt, "reference": r, "prediction": p}
                 for pt, r, p in zip(data.prompt_texts, data.references, predictions)]
