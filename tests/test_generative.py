@@ -162,13 +162,7 @@ def test_lora_trains_saves_and_loads(tok, arch, tmp_path):
 
 
 def test_lora_resume_is_bit_identical(tok, tmp_path):
-    class Crash(Exception):
-        pass
-
-    class CrashAt(fastft.Callback):
-        def on_step_end(self, trainer, step, loss):
-            if step == 5:
-                raise Crash()
+    from test_trainer import Crash, CrashAt
 
     kw = dict(tokenizer=tok, epochs=2, batch_size=4, lr=1e-2, checkpoint_every=2, progress=False,
               generation_metrics=["token_f1"], generation_kwargs={"max_new_tokens": 3})
@@ -176,7 +170,7 @@ def test_lora_resume_is_bit_identical(tok, tmp_path):
                           early_stopping=fastft.EarlyStopping(patience=3), **kw)
     full_result = full.fit()
     crashing = fastft.Trainer(lora(tiny_llama(len(tok)), lora_dropout=0.1), PC, PC[:4],
-                              output_dir=str(tmp_path / "b"), callbacks=[CrashAt()],
+                              output_dir=str(tmp_path / "b"), callbacks=[CrashAt(5)],
                               early_stopping=fastft.EarlyStopping(patience=3), **kw)
     with pytest.raises(Crash):
         crashing.fit()

@@ -20,6 +20,7 @@ import torch
 
 import fastft
 from fastft.prefix_cache import CACHE_FILE, PrefixCache
+from test_trainer import Crash, CrashAt
 
 transformers = pytest.importorskip("transformers")
 from transformers import (BertConfig, BertModel, GPT2Config, GPT2LMHeadModel, LlamaConfig,  # noqa: E402
@@ -196,19 +197,6 @@ def test_replay_rows_bypass_the_cache():
     # only the task's 48 examples are kept; epochs 2-3 and validations 2-3 are served
     assert len(cached.prefix_cache) == 48 and cached.prefix_cache.stats()["hits"] == 2 * 48
     assert cached.replay.seen > 0
-
-
-class Crash(Exception):
-    pass
-
-
-class CrashAt(fastft.Callback):
-    def __init__(self, step):
-        self.step = step
-
-    def on_step_end(self, trainer, step, loss):
-        if step == self.step:
-            raise Crash()
 
 
 @pytest.mark.parametrize("keep_file", [True, False])
