@@ -9,7 +9,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor, nn
 
-from .lm import check_tokenizer, lm_kind, right_pad
+from .lm import check_tokenizer, fused_lm_parts, lm_kind, right_pad
 
 __all__ = ["few_shot_prompt", "evaluate_prompting", "label_scores", "DEFAULT_TEMPLATE", "few_shot_generation_prompt",
            "evaluate_generation_prompting"]
@@ -26,11 +26,21 @@ def label_scores(lm: nn.Module, prompts: List[List[int]], label_ids: List[List[i
     out = torch.empty(len(prompts), n_classes)
     if all(len(ids) == 1 for ids in label_ids):
         first = torch.tensor([ids[0] for ids in label_ids])
+        # Only each prompt's last position is scored: where the model is backbone + linear head, the head
+        # runs on those rows alone, not on every position ([B, T, V] logits are most of a small LM's cost).
+        parts = fused_lm_parts(lm)
         for i in range(0, len(prompts), batch_size):
             rows = [p[-max_length:] for p in prompts[i:i + batch_size]]
             ids, mask = right_pad(rows)
-            logits = lm(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float().cpu()
-            last = logits[torch.arange(len(rows)), mask.sum(1) - 1]
+            ids, mask = ids.to(device), mask.to(device)
+            at = (torch.arange(len(rows), device=device), mask.sum(1) - 1)
+            if parts is not None:
+                backbone, head = parts
+                hidden = backbone(input_ids=ids, attention_mask=mask)
+                hidden = hidden[0] if isinstance(hidden, (tuple, list)) else hidden.last_hidden_state
+                last = head(hidden[at]).float().cpu()
+            else:
+                last = lm(input_ids=ids, attention_mask=mask).logits[at].float().cpu()
             out[i:i + len(rows)] = torch.log_softmax(last, -1)[:, first]
         return out
     for i, prompt in enumerate(prompts):

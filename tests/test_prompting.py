@@ -6,7 +6,8 @@ import pytest
 import torch
 
 import fastft
-from lm_helpers import GENERAL, TASK, lm_task, minilm_tokenizer, tiny_bert_mlm, tiny_gpt2, transformers  # noqa: F401
+from lm_helpers import (GENERAL, TASK, lm_task, minilm_tokenizer, tiny_bert_mlm, tiny_gpt2, tiny_llama,  # noqa: F401
+                        transformers)
 
 
 @pytest.fixture(scope="module")
@@ -43,10 +44,25 @@ def test_evaluate_prompting_scores_label_words(tok):
     with pytest.raises(ValueError, match="causal LM"):
         fastft.evaluate_prompting(tiny_bert_mlm(), tok, TASK, test, ["negative", "positive"])
 
-def test_batched_label_scores_equal_one_by_one(tok):
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "llama+lora"])
+def test_batched_label_scores_equal_one_by_one(tok, arch):
+    """label_scores runs the head on the last positions only (backbone + lm_head); the model's own
+    full forward, one prompt at a time, must give the same scores."""
     from fastft.prompting import label_scores
 
-    lm = tiny_gpt2().eval()
+    if arch == "gpt2":
+        lm = tiny_gpt2()
+    else:
+        lm = tiny_llama(tok.vocab_size)
+        if arch == "llama+lora":
+            import peft
+
+            lm = peft.get_peft_model(lm, peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"],
+                                                         task_type="CAUSAL_LM"))
+            for n, p in lm.named_parameters():
+                if "lora_B" in n:
+                    torch.nn.init.normal_(p, std=0.5)  # LoRA's B starts at 0: make the adapter count
+    lm = lm.eval()
     prompts = [tok(t, add_special_tokens=False)["input_ids"] for t, _ in TASK[:7]]
     single = [[2204], [3893]]
     batched = label_scores(lm, prompts, single, torch.device("cpu"), 512, batch_size=3)
