@@ -2,6 +2,7 @@
 
 import copy
 import json
+import warnings
 
 import pytest
 import torch
@@ -437,3 +438,19 @@ def test_trainer_fisher_of_a_classifier_weighs_the_encoder_not_the_new_head(tok)
 def test_trainer_importance_bad_input(tok, kwargs, match):
     with pytest.raises(ValueError, match=match):
         fastft.Trainer(tiny_gpt2(), lm_task(tok), epochs=1, batch_size=8, metrics=(), progress=False, **kwargs)
+
+
+def test_trainer_warns_when_the_decoupled_ewc_pull_overshoots(tok):
+    model = tiny_gpt2()
+    names = [n for n, _ in model.named_parameters()]
+    ones = {n: torch.ones_like(p) for n, p in model.named_parameters()}
+    spiky = dict(ones, **{names[1]: torch.full_like(ones[names[1]], 500.0)})  # lr * l2 * 500 = 2.5
+    with pytest.warns(UserWarning, match=r"overshoots the anchor on .*clamp\(max=200\)"):
+        fastft.Trainer(model, lm_task(tok), epochs=1, batch_size=8, lr=1e-3, metrics=(), progress=False,
+                       tokenizer=tok, l2_init=5.0, l2_init_importance=spiky, max_length=16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # F = 1: lr * l2 = 0.005, no warning; coupled mode never overshoots
+        fastft.Trainer(tiny_gpt2(), lm_task(tok), epochs=1, batch_size=8, lr=1e-3, metrics=(), progress=False,
+                       tokenizer=tok, l2_init=5.0, l2_init_importance=ones, max_length=16)
+        fastft.Trainer(tiny_gpt2(), lm_task(tok), epochs=1, batch_size=8, lr=1e-3, metrics=(), progress=False,
+                       tokenizer=tok, l2_init=5.0, l2_init_mode="coupled", l2_init_importance=spiky, max_length=16)

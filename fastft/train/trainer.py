@@ -511,8 +511,20 @@ class Trainer:
             if isinstance(l2_init_importance, str) and lm_kind(self.model) is None:
                 importance_data = self.label_map.encode(self._examples(importance_data, "importance_data"),
                                                         "importance_data", where)
-            self.optimizer.set_importance(anchored_importance(self.model, self.optimizer, l2_init_importance,
-                                                              importance_data, tokenizer, max_length, where))
+            importance = anchored_importance(self.model, self.optimizer, l2_init_importance, importance_data,
+                                             tokenizer, max_length, where)
+            self.optimizer.set_importance(importance)
+            local = [f for f in importance.values() if not D.is_dtensor(f)]
+            if l2_init_mode == "decoupled" and local:
+                pull = max(float(g["lr"]) for g in self.optimizer.param_groups) * l2_init
+                top = max(float(f.max()) for f in local)
+                if pull * top > 1.0:
+                    share = sum(int((f > 1.0 / pull).sum()) for f in local) / sum(f.numel() for f in local)
+                    warnings.warn(f"{where}: lr * l2_init * max(importance) = {pull * top:.3g} > 1: the decoupled "
+                                  f"pull p -= lr*l2_init*F*(p - p0) overshoots the anchor on {share:.2%} of the "
+                                  "entries (and diverges where it exceeds 2); cap the importance, e.g. "
+                                  f"{{n: f.clamp(max={1.0 / pull:.3g})}}, lower l2_init, or use "
+                                  "l2_init_mode='coupled'", stacklevel=2)
         self.steps_per_epoch = math.ceil(self._batches_per_epoch() / gradient_accumulation)
         self.total_steps = self.steps_per_epoch * epochs
         warmup = int(self.total_steps * warmup_ratio)
