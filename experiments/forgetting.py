@@ -35,8 +35,9 @@ Arms (each a curve over its strength; all full fine-tuning at the reference lr u
               accuracy: the anchor (L2-to-init or EWC) and the replay (OANC or self) whose strongest
               setting within 1 point of the best plain lr's validation accuracy forgets least (BBC),
               trained together; WiSE-FT on top is reported as more points.
-Headline points (reference plain fine-tune, combo, the best LoRA lr) run --seeds seeds (mean +- std);
-sweep points run seed 0 only. The seed draws the data order (and LoRA's initial matrices).
+Headline points (the reference plain fine-tune with its WiSE-FT points, and the combined recipe) run
+--seeds seeds (mean +- std; with --lora-seeds also the best LoRA lr); sweep points, and WiSE-FT on the
+combined recipe, run seed 0 only. The seed draws the data order (and LoRA's initial matrices).
 
 Every finished run is appended to experiments/results/forgetting/records.jsonl and skipped when the
 script runs again (resumable); --collect only rebuilds the table (forgetting_cpu.csv/.json) and the
@@ -298,8 +299,8 @@ def run_all(args, out: Path):
     for seed in args.seeds:
         do("lr", args.lr, dict(lr=args.lr), seed, wise=True)
         if combo:
-            do("combo", 0, combo[1], seed, wise=True, extra=dict(recipe=combo[0]))
-        if lora_lr is not None:
+            do("combo", 0, combo[1], seed, wise=seed == args.seeds[0], extra=dict(recipe=combo[0]))
+        if lora_lr is not None and args.lora_seeds:
             do("lora", lora_lr, dict(lora=True, lr=lora_lr), seed)
     meta = dict(base=s.base_measures, total_seconds_this_call=time.time() - t0)
     return records, meta
@@ -326,7 +327,10 @@ def headline(rows, lr):
     plain = [r for r in rows if r["arm"] == "lr"]
     ref = next(r for r in plain if r["strength"] == lr)
     best_plain = max(r["test_acc"] for r in plain)
-    eligible = [r for r in rows if r["arm"] not in ("prompting", "lr") and r["test_acc"] >= best_plain - 0.01]
+    # The headline compares points measured over several seeds only (the reference, the combined recipe,
+    # WiSE-FT on both, the best LoRA lr): picking the best of many one-seed sweep points would pick noise.
+    eligible = [r for r in rows if r["arm"] not in ("prompting", "lr") and r["seeds"] > 1
+                and r["test_acc"] >= best_plain - 0.01]
     out = dict(reference=ref, best_plain_test_acc=best_plain, eligible=len(eligible))
     if eligible:
         best = min(eligible, key=lambda r: r["bbc_loss_rise"])
@@ -348,8 +352,9 @@ def report(args, records, meta, out: Path):
              "wise_ft:lr", "wise_ft:combo"]
     rows.sort(key=lambda r: (order.index(r["arm"]) if r["arm"] in order else 99, r["strength"]))
     h = headline(rows, args.lr)
-    print(f"\n# learning vs forgetting - SmolLM2-135M-Instruct, Pang & Lee sentiment ({args.train} train / {args.val} val / "
-          f"{args.test} test, {args.epochs} epochs, batch {args.batch_size}, reference lr {args.lr:g})")
+    print(f"\n# learning vs forgetting - SmolLM2-135M-Instruct, Pang & Lee sentiment ({args.train} train / "
+          f"{args.val} val / {args.test} test, {args.epochs} epochs, batch {args.batch_size}, "
+          f"reference lr {args.lr:g})")
     print(f"{'run':<44} {'test acc':>13} {'BBC loss rise':>15} {'Python rise':>13} {'topic drop pt':>14} {'s':>5}")
     for r in rows:
         sd = r["seeds"] > 1
@@ -363,8 +368,8 @@ def report(args, records, meta, out: Path):
           f"{ref['bbc_loss_rise']:+.3f}; best plain test acc {h['best_plain_test_acc']:.3f}")
     if h.get("best"):
         ratio = h.get("forgetting_ratio")
-        print(f"least BBC forgetting within 1 point of the best plain accuracy: {label(h['best'])}: test acc "
-              f"{h['best']['test_acc']:.3f}, rise {h['best']['bbc_loss_rise']:+.3f}"
+        print(f"least BBC forgetting among the multi-seed points within 1 point of the best plain accuracy: "
+              f"{label(h['best'])}: test acc {h['best']['test_acc']:.3f}, rise {h['best']['bbc_loss_rise']:+.3f}"
               + (f" = {ratio:.2f}x the reference's (target <= 0.33x)" if ratio is not None else ""))
         if h.get("best_lora_eligible"):
             lo = h["best_lora_eligible"]
@@ -395,7 +400,7 @@ def plot(rows, h, path):
     for ax, m, xl in zip(axes, MEASURES, ("BBC prose: loss rise (nats)", "Python stdlib: loss rise (nats)",
                                           "BBC topic zero-shot: accuracy drop (points)")):
         for arm in arms:
-            rs = sorted((r for r in rows if r["arm"] == arm), key=lambda r: r[m])
+            rs = sorted((r for r in rows if r["arm"] == arm), key=lambda r: r["strength"])  # a curve over strength
             ax.errorbar([r[m] for r in rs], [r["test_acc"] for r in rs], xerr=[r[m + "_std"] for r in rs],
                         yerr=[r["test_acc_std"] for r in rs], marker="o", ms=4, capsize=2, label=arm,
                         ls="-" if len(rs) > 1 else "none")
@@ -407,6 +412,8 @@ def plot(rows, h, path):
                 ax.axhline(r["test_acc"], color="grey", lw=0.6, ls=":")
                 ax.annotate(f"{r['strength']:g}-shot prompting", (ax.get_xlim()[0], r["test_acc"]), fontsize=6)
         ax.axhline(h["best_plain_test_acc"] - 0.01, color="k", lw=0.6, ls="--")
+        if m != "topic_acc_drop":
+            ax.set_xscale("symlog", linthresh=0.05)  # the runs that break the model sit at several nats
         ax.set_xlabel(xl + "  (less is better)")
         ax.set_ylabel("sentiment test accuracy")
     axes[0].legend(fontsize=7)
@@ -434,6 +441,8 @@ def main(argv=None) -> int:
     ap.add_argument("--lora-lr", type=float, nargs="+", default=[3e-4, 1e-3, 3e-3])
     ap.add_argument("--alphas", type=float, nargs="+", default=[0.25, 0.5, 0.75])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--lora-seeds", action="store_true",
+                    help="also run the best LoRA lr (by validation accuracy) over all --seeds")
     ap.add_argument("--self-samples", type=int, default=128)
     ap.add_argument("--fisher-batches", type=int, default=128)
     ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
