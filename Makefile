@@ -64,7 +64,7 @@ experiments: install $(VENV)/.smollm2
 	HF_HUB_OFFLINE=1 $(VENV)/bin/python experiments/multitask.py
 	HF_HUB_OFFLINE=1 $(VENV)/bin/python experiments/code_domain.py
 
-# Headline generation on BBC News: prompting vs LoRA vs full fine-tuning (README table; ~20 min on 2 cores).
+# Headline generation on BBC News: prompting vs LoRA vs full fine-tuning (README table; 12 min on 2 quiet cores).
 headlines: install $(VENV)/.smollm2
 	HF_HUB_OFFLINE=1 $(VENV)/bin/python experiments/headlines.py
 
