@@ -57,7 +57,6 @@ import platform
 import random
 import statistics
 import sys
-import sysconfig
 import time
 from pathlib import Path
 
@@ -100,9 +99,9 @@ def accuracy(model, tok, data) -> float:
 
 def python_texts(n: int, seed: int):
     """The openings of ``n`` standard-library .py files (seeded choice): code no arm trains on."""
-    root = Path(sysconfig.get_paths()["stdlib"])
-    files = sorted(p for p in root.rglob("*.py")
-                   if "site-packages" not in p.parts and "test" not in p.parts and "tests" not in p.parts)
+    from code_domain import stdlib_files  # the code experiment's list of the interpreter's stdlib sources
+
+    files = [p for p in stdlib_files() if "test" not in p.parts and "tests" not in p.parts]
     random.Random(seed).shuffle(files)
     out = []
     for f in files:
