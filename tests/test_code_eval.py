@@ -126,6 +126,40 @@ def test_check_program_is_humanevals():
     assert check_program(p, "    return 1\n") == "def f():\n    return 1\n\n\ndef check(c):\n    assert c() == 1\n\n\ncheck(f)\n"
 
 
+def test_check_program_on_the_stripped_prompt():
+    p = {"prompt": 'def f():\n    """One."""\n\n', "test": "def check(c):\n    assert c() == 1\n", "entry_point": "f"}
+    assert check_program(p, "\n    return 1", strip_prompt=True).startswith('def f():\n    """One."""\n    return 1\n\n')
+    assert check_program(p, "    return 1").startswith('def f():\n    """One."""\n\n    return 1\n\n')
+
+
+@isolated
+def test_evaluate_code_generates_from_the_stripped_prompt_by_default(monkeypatch):
+    # HumanEval's prompts end in "\n"; a BPE tokenizer's "\n    " token makes that bare newline mean
+    # "the body is over". By default the model sees, and the program is built on, prompt.rstrip().
+    import fastft.generation
+
+    seen = []
+
+    def generate(model, tokenizer, prompts, **kwargs):
+        seen.append(list(prompts))
+        return [completion] * len(prompts)
+
+    monkeypatch.setattr(fastft.generation, "generate", generate)
+    problem = {"task_id": "f", "prompt": 'def f():\n    """One."""\n', "entry_point": "f",
+               "test": "def check(c):\n    assert c() == 1\n"}
+    completion = "\n    return 1"  # what a model writes after the stripped prompt
+    assert fastft.evaluate_code(None, None, [problem], timeout=5)["pass@1"] == 1.0
+    assert seen[-1] == ['def f():\n    """One."""']
+    completion = "    return 1"  # the same body, written after the prompt as given
+    assert fastft.evaluate_code(None, None, [problem], timeout=5, strip_prompt=False)["pass@1"] == 1.0
+    assert seen[-1] == [problem["prompt"]]
+    out = fastft.evaluate_code(None, None, [problem], timeout=5)  # glued to the docstring's line: invalid
+    assert out["pass@1"] == 0.0 and out["records"][0]["completions"][0]["reason"].startswith("SyntaxError")
+    assert fastft.evaluate_completions([problem], ["\n    return 1"], strip_prompt=True)["pass@1"] == 1.0
+    with pytest.raises(TypeError, match="strip_prompt"):
+        fastft.evaluate_code(None, None, [problem], strip_prompt="yes")
+
+
 def test_code_from_a_chat_reply():
     from fastft.code_eval import code_from_reply
 
