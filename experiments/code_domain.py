@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import math
 import os
 import platform
 import random
@@ -69,6 +70,16 @@ def stdlib_corpus(tok, budget: int, seed: int):
         if tokens >= budget:
             break
     return texts, tokens, len(texts), size
+
+
+def mcnemar_p(gained: int, lost: int) -> float:
+    """Exact two-sided McNemar p-value: under "training changed nothing" each of the gained + lost
+    discordant problems is a fair coin."""
+    n = gained + lost
+    if n == 0:
+        return 1.0
+    tail = sum(math.comb(n, i) for i in range(min(gained, lost) + 1)) / 2 ** n
+    return min(1.0, 2 * tail)
 
 
 def humaneval_overlap(texts, problems):
@@ -117,6 +128,7 @@ def main(argv=None) -> int:
                 s = r["completions"][0]["status"]
                 statuses[s] = statuses.get(s, 0) + 1
             rows.append(dict(run=run, format=fmt, pass_at_1=res["pass@1"],
+                             solved_ids={r["task_id"] for r in res["records"] if r["correct"]},
                              solved=sum(r["correct"] for r in res["records"]), problems=len(problems),
                              bbc_loss=loss, eval_seconds=seconds, statuses=statuses))
             print(f"{run} [{fmt}]: pass@1 {res['pass@1']:.4f} ({rows[-1]['solved']}/{len(problems)}), "
@@ -144,8 +156,15 @@ def main(argv=None) -> int:
                      bbc_loss_rise=r["bbc_loss"] - base_loss)
             rows.append(r)
         del model
+    before = {r["format"]: r["solved_ids"] for r in rows if r["run"] == "before"}
     for r in rows:
         r.setdefault("bbc_loss_rise", 0.0)
+        ids = r.pop("solved_ids")
+        if r["run"] != "before":  # paired against the same problems before training
+            gained, lost = sorted(ids - before[r["format"]]), sorted(before[r["format"]] - ids)
+            r.update(gained=len(gained), lost=len(lost), mcnemar_p=mcnemar_p(len(gained), len(lost)),
+                     gained_ids=" ".join(t.split("/")[-1] for t in gained),
+                     lost_ids=" ".join(t.split("/")[-1] for t in lost))
         r["statuses"] = " ".join(f"{k}={v}" for k, v in sorted(r["statuses"].items()))
 
     meta = dict(machine=f"{platform.machine()}, {torch.get_num_threads()} threads", torch=torch.__version__,
@@ -158,10 +177,12 @@ def main(argv=None) -> int:
                 total_seconds=time.time() - t_start)
     print(f"# code domain - SmolLM2-135M-Instruct, HumanEval {len(problems)} problems, greedy - stdlib "
           f"{args.tokens} tokens/run, lr {args.lr}, block {args.block} x batch {args.batch} - commit {meta['commit']}")
-    print(f"{'run':<14} {'format':<11} {'pass@1':>7} {'solved':>7} {'BBC loss':>9} {'rise':>7}")
+    print(f"{'run':<14} {'format':<11} {'pass@1':>7} {'solved':>7} {'BBC loss':>9} {'rise':>7}  "
+          f"{'gained/lost vs before (McNemar p)'}")
     for r in rows:
+        paired = f"+{r['gained']}/-{r['lost']} (p={r['mcnemar_p']:.2f})" if "gained" in r else ""
         print(f"{r['run']:<14} {r['format']:<11} {r['pass_at_1']:7.4f} {r['solved']:>3}/{r['problems']:<3} "
-              f"{r['bbc_loss']:9.3f} {r['bbc_loss_rise']:+7.3f}")
+              f"{r['bbc_loss']:9.3f} {r['bbc_loss_rise']:+7.3f}  {paired}")
     write_results(out / "code_domain_cpu", rows, meta)
     print(f"total {time.time() - t_start:.0f} s")
     return 0

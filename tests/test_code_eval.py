@@ -128,7 +128,8 @@ def test_check_program_is_humanevals():
 
 def test_check_program_on_the_stripped_prompt():
     p = {"prompt": 'def f():\n    """One."""\n\n', "test": "def check(c):\n    assert c() == 1\n", "entry_point": "f"}
-    assert check_program(p, "\n    return 1", strip_prompt=True).startswith('def f():\n    """One."""\n    return 1\n\n')
+    stripped = check_program(p, "\n    return 1", strip_prompt=True)
+    assert stripped.startswith('def f():\n    """One."""\n    return 1\n\n')
     assert check_program(p, "    return 1").startswith('def f():\n    """One."""\n\n    return 1\n\n')
 
 
