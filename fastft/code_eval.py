@@ -121,9 +121,9 @@ def _check_problems(problems: Any, where: str) -> List[Dict[str, str]]:
 
 def _parse_k(k: Any, where: str) -> List[int]:
     ks = [k] if isinstance(k, int) and not isinstance(k, bool) else k
-    if not isinstance(ks, (list, tuple)) or not ks or any(
+    if not isinstance(ks, Sequence) or isinstance(ks, (str, bytes)) or not ks or any(
             isinstance(x, bool) or not isinstance(x, int) or x < 1 for x in ks):
-        raise ValueError(f"fastft.{where}: k must be an int >= 1 or a list/tuple of them, got {k!r}")
+        raise ValueError(f"fastft.{where}: k must be an int >= 1 or a sequence of them, got {k!r}")
     return sorted(set(ks))
 
 

@@ -52,6 +52,7 @@ def test_canonical_solutions_pass_and_wrong_ones_fail(tmp_path):
     completions = [[r, w, hostile] for r, w in zip(right, wrong)]
     out = fastft.evaluate_completions(problems, completions, k=(1, 2, 3), timeout=2, output_dir=tmp_path)
     assert out["problems"] == 8 and out["samples"] == 3
+    assert fastft.evaluate_completions(problems, completions, k=range(1, 4), timeout=2)["pass@3"] == 1.0
     assert out["pass@1"] == pytest.approx(1 / 3) and out["pass@2"] == pytest.approx(2 / 3) and out["pass@3"] == 1.0
     lines = [json.loads(line) for line in (tmp_path / "code_results.jsonl").read_text().splitlines()]
     assert lines == out["records"] and [r["task_id"] for r in lines] == [p["task_id"] for p in problems]
