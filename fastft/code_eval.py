@@ -127,16 +127,18 @@ def _parse_k(k: Any, where: str) -> List[int]:
     return sorted(set(ks))
 
 
-def _check_k(k: Any, samples: int, where: str) -> List[int]:
-    ks = _parse_k(k, where)
+def _check_k(ks: List[int], samples: int, where: str) -> List[int]:
+    """``ks`` (from :func:`_parse_k`), each drawable from ``samples`` completions."""
     if max(ks) > samples:
         raise ValueError(f"fastft.{where}: pass@{max(ks)} needs at least {max(ks)} samples per problem, got "
                          f"samples={samples}")
     return ks
 
 
-def _check_run(limits: Any, workers: Any, output_dir: Any, strip_prompt: Any, where: str) -> None:
+def _check_run(timeout: Any, limits: Any, workers: Any, output_dir: Any, strip_prompt: Any, where: str) -> None:
     """The sandbox and output arguments, checked before any generation or program runs."""
+    if not isinstance(timeout, (int, float)) or isinstance(timeout, bool) or not timeout > 0:
+        raise ValueError(f"fastft.{where}: timeout must be a positive number of seconds, got {timeout!r}")
     if limits is not None and not isinstance(limits, Limits):
         raise TypeError(f"fastft.{where}: limits must be a fastft.sandbox.Limits or None, got "
                         f"{type(limits).__name__}")
@@ -222,10 +224,8 @@ def evaluate_completions(problems: Sequence[Dict[str, str]], completions: Sequen
     bad = next(((i, j) for i, cs in enumerate(completions) for j, c in enumerate(cs) if not isinstance(c, str)), None)
     if bad is not None:
         raise TypeError(f"fastft.evaluate_completions: completions[{bad[0]}][{bad[1]}] is not a str")
-    ks = _check_k(k, n.pop(), "evaluate_completions")
-    if not isinstance(timeout, (int, float)) or isinstance(timeout, bool) or not timeout > 0:
-        raise ValueError(f"fastft.evaluate_completions: timeout must be a positive number of seconds, got {timeout!r}")
-    _check_run(limits, workers, output_dir, strip_prompt, "evaluate_completions")
+    ks = _check_k(_parse_k(k, "evaluate_completions"), n.pop(), "evaluate_completions")
+    _check_run(timeout, limits, workers, output_dir, strip_prompt, "evaluate_completions")
     limits = limits if limits is not None else Limits(timeout=timeout)
     programs = [check_program(p, c, strip_prompt=strip_prompt) for p, cs in zip(problems, completions) for c in cs]
     results = run_programs(programs, limits, workers=workers)
@@ -305,7 +305,7 @@ def evaluate_code(model: Any, tokenizer: Any, problems: Sequence[Dict[str, str]]
         samples = max(ks)
     if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
         raise ValueError(f"fastft.evaluate_code: samples must be an int >= 1, got {samples!r}")
-    ks = _check_k(k, samples, "evaluate_code")
+    _check_k(ks, samples, "evaluate_code")
     if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not (
             math.isfinite(temperature) and temperature >= 0):
         raise ValueError(f"fastft.evaluate_code: temperature must be a finite number >= 0, got {temperature!r}")
@@ -314,14 +314,12 @@ def evaluate_code(model: Any, tokenizer: Any, problems: Sequence[Dict[str, str]]
                          f"got samples={samples}; sample with temperature > 0 (e.g. 0.8) for pass@k with k > 1")
     if isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0 < top_p <= 1:
         raise ValueError(f"fastft.evaluate_code: top_p must be in (0, 1], got {top_p!r}")
-    if not isinstance(timeout, (int, float)) or isinstance(timeout, bool) or not timeout > 0:
-        raise ValueError(f"fastft.evaluate_code: timeout must be a positive number of seconds, got {timeout!r}")
     if prompt_format not in ("completion", "chat"):
         raise ValueError(f"fastft.evaluate_code: prompt_format must be 'completion' or 'chat', got {prompt_format!r}")
     if generate_kwargs is not None and not isinstance(generate_kwargs, Mapping):
         raise TypeError(f"fastft.evaluate_code: generate_kwargs must be a dict of fastft.generate / model.generate "
                         f"arguments or None, got {type(generate_kwargs).__name__}")
-    _check_run(limits, workers, output_dir, strip_prompt, "evaluate_code")
+    _check_run(timeout, limits, workers, output_dir, strip_prompt, "evaluate_code")
     if prompt_format == "chat" and not getattr(tokenizer, "chat_template", None):
         raise ValueError("fastft.evaluate_code: prompt_format='chat' needs a tokenizer with a chat_template")
     limits = limits if limits is not None else Limits(timeout=timeout)
